@@ -1,0 +1,154 @@
+"""Schemes: what a quantized tensor is made of, as data.
+
+A `TensorScheme` says how one tensor is quantized: element format, granularity (which elements
+share a scale), scale format and scale rule, symmetric or not. A `Scheme` is what a serving engine
+calls a quantization scheme: one TensorScheme for the weights and, for W8A8/W4A4, one for the
+input activations. Presets carry the names vLLM and llm-compressor users know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantlab.formats import SCALE_BITS, get_format
+
+GRANULARITIES = ("tensor", "channel", "token", "group", "block")
+# absmax: scale = amax / format max (asymmetric: (max - min) / (2**bits - 1) with a zero point).
+# mx_floor: OCP MX v1.0 6.3, X = 2**(floor(log2 amax) - emax_elem); mx_rceil: 2**ceil(log2(amax / max)).
+# nvfp4: fp32 global = amax(tensor) / (448 * 6), E4M3 block scale = amax(block) / 6 / global.
+# gguf_q8_0 / gguf_q4_0: llama.cpp's reference quantizers (ggml-quants.c), reproduced op for op.
+SCALE_RULES = ("absmax", "mx_floor", "mx_rceil", "nvfp4", "gguf_q8_0", "gguf_q4_0")
+
+
+@dataclass(frozen=True)
+class TensorScheme:
+    """How one tensor is quantized.
+
+    format: element format name (quantlab.formats). granularity: "tensor" (one scale),
+    "channel" / "token" (one scale per row of a (..., K) tensor: output channel of a weight,
+    token of an activation), "group" (group_size consecutive elements along the last dim),
+    "block" (block=(rows, cols) tiles of a 2-D tensor; edge tiles may be partial).
+    scale_format: "fp32", "fp16", "bf16", "e4m3" or "e8m0"; scales are rounded to it before
+    the elements are computed, except where a scale rule says otherwise (gguf).
+    dynamic: activations only; True = scale computed from each input, False = static scale
+    passed in (calibrated).
+    """
+
+    format: str
+    granularity: str
+    group_size: int | None = None
+    block: tuple[int, int] | None = None
+    symmetric: bool = True
+    scale_format: str = "fp32"
+    scale_rule: str = "absmax"
+    dynamic: bool = True
+
+    def __post_init__(self):
+        fmt = get_format(self.format)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r}; use one of {GRANULARITIES}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule={self.scale_rule!r}; use one of {SCALE_RULES}")
+        if self.scale_format not in SCALE_BITS:
+            raise ValueError(f"scale_format={self.scale_format!r}; use one of {tuple(SCALE_BITS)}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError("group_size is set exactly when granularity='group'")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be positive")
+        if (self.granularity == "block") != (self.block is not None):
+            raise ValueError("block=(rows, cols) is set exactly when granularity='block'")
+        if not self.symmetric and fmt.kind != "int":
+            raise ValueError(f"asymmetric quantization needs an integer format, not {self.format}")
+        if not self.symmetric and fmt.signed:
+            raise ValueError(f"asymmetric codes are unsigned: use u{self.format}, not {self.format}")
+        if self.symmetric and self.scale_rule == "absmax" and fmt.kind == "int" and not fmt.signed:
+            raise ValueError(f"symmetric codes are signed: use {self.format[1:]}, not {self.format}")
+        if self.scale_rule.startswith("mx") and self.scale_format != "e8m0":
+            raise ValueError("MX scale rules produce E8M0 scales: set scale_format='e8m0'")
+        if self.scale_rule == "nvfp4" and (self.scale_format != "e4m3" or self.format != "e2m1"):
+            raise ValueError("the nvfp4 rule needs format='e2m1' and scale_format='e4m3'")
+
+    @property
+    def element_bits(self) -> int:
+        return get_format(self.format).bits
+
+    @property
+    def scale_bits(self) -> int:
+        return SCALE_BITS[self.scale_format]
+
+    def describe(self) -> str:
+        where = {"tensor": "per tensor", "channel": "per channel", "token": "per token",
+                 "group": f"groups of {self.group_size}", "block": f"{self.block} blocks"}
+        sym = "sym" if self.symmetric else "asym"
+        extra = " + fp32 global" if self.scale_rule == "nvfp4" else ""
+        kind = "" if self.dynamic else ", static"
+        return (f"{self.format} {where[self.granularity]}, {self.scale_format} scale"
+                f"{extra}, {sym}{kind}")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named quantization scheme: weights and, optionally, input activations."""
+
+    name: str
+    weights: TensorScheme
+    activations: TensorScheme | None = None
+    description: str = ""
+
+
+def _ts(fmt, gran, **kw) -> TensorScheme:
+    return TensorScheme(fmt, gran, **kw)
+
+
+FP8_TENSOR = _ts("e4m3", "tensor")
+MX_KW = dict(group_size=32, scale_format="e8m0", scale_rule="mx_floor")
+NVFP4_KW = dict(group_size=16, scale_format="e4m3", scale_rule="nvfp4")
+
+PRESETS: dict[str, Scheme] = {s.name: s for s in (
+    Scheme("fp8_per_tensor", FP8_TENSOR, _ts("e4m3", "tensor", dynamic=False),
+           "FP8 W8A8, one fp32 scale per tensor, static activation scale (vLLM fp8)"),
+    Scheme("fp8_dynamic", _ts("e4m3", "channel"), _ts("e4m3", "token"),
+           "FP8 per-channel weights, dynamic per-token activations (llm-compressor FP8_DYNAMIC)"),
+    Scheme("fp8_block", _ts("e4m3", "block", block=(128, 128)),
+           _ts("e4m3", "group", group_size=128),
+           "FP8 128x128 weight blocks, 1x128 dynamic activation groups (DeepSeek-V3 style)"),
+    Scheme("int8_w8a8", _ts("int8", "channel"), _ts("int8", "token"),
+           "INT8 per-channel weights, dynamic per-token activations (SmoothQuant family)"),
+    Scheme("w8a16", _ts("int8", "channel"), None, "INT8 per-channel weights, 16-bit activations"),
+    Scheme("w4a16", _ts("int4", "group", group_size=128, scale_format="fp16"), None,
+           "INT4 symmetric, groups of 128 along K (GPTQ/AWQ checkpoints, Marlin kernels)"),
+    Scheme("w4a16_asym", _ts("uint4", "group", group_size=128, symmetric=False,
+                             scale_format="fp16"), None,
+           "INT4 asymmetric with zero points, groups of 128 along K"),
+    Scheme("nf4", _ts("nf4", "group", group_size=64), None,
+           "bitsandbytes NF4: 16-value normal-float codebook, absmax blocks of 64"),
+    Scheme("mxfp8", _ts("e4m3", "group", **MX_KW), _ts("e4m3", "group", **MX_KW),
+           "OCP MXFP8 (E4M3 elements, E8M0 scale per 32), weights and activations"),
+    Scheme("mxfp6", _ts("e2m3", "group", **MX_KW), _ts("e2m3", "group", **MX_KW),
+           "OCP MXFP6 (E2M3 elements, E8M0 scale per 32), weights and activations"),
+    Scheme("mxfp6_e3m2", _ts("e3m2", "group", **MX_KW), _ts("e3m2", "group", **MX_KW),
+           "OCP MXFP6 with E3M2 elements (more range, less precision)"),
+    Scheme("mxfp4", _ts("e2m1", "group", **MX_KW), _ts("e2m1", "group", **MX_KW),
+           "OCP MXFP4 (E2M1 elements, E8M0 scale per 32), weights and activations"),
+    Scheme("mxfp4_a16", _ts("e2m1", "group", **MX_KW), None, "MXFP4 weights, 16-bit activations"),
+    Scheme("nvfp4", _ts("e2m1", "group", **NVFP4_KW), _ts("e2m1", "group", **NVFP4_KW),
+           "NVIDIA NVFP4: E2M1, E4M3 scale per 16, fp32 per-tensor scale (W4A4)"),
+    Scheme("nvfp4_a16", _ts("e2m1", "group", **NVFP4_KW), None,
+           "NVFP4 weights, 16-bit activations (llm-compressor NVFP4A16)"),
+    Scheme("gguf_q8_0", _ts("int8", "group", group_size=32, scale_format="fp16",
+                            scale_rule="gguf_q8_0"), None,
+           "llama.cpp Q8_0: blocks of 32, fp16 scale amax/127"),
+    Scheme("gguf_q4_0", _ts("uint4", "group", group_size=32, scale_format="fp16",
+                            scale_rule="gguf_q4_0"), None,
+           "llama.cpp Q4_0: blocks of 32, fp16 scale (signed max)/-8, codes offset by 8"),
+)}
+
+
+def get_scheme(name: str | Scheme) -> Scheme:
+    """A preset by name (case-insensitive, '-' or '_'), or the Scheme itself."""
+    if isinstance(name, Scheme):
+        return name
+    key = str(name).lower().replace("-", "_")
+    if key not in PRESETS:
+        raise ValueError(f"unknown scheme {name!r}; known schemes: {', '.join(PRESETS)}")
+    return PRESETS[key]
