@@ -1,8 +1,9 @@
-"""The `quantlab` command: compare schemes, list formats.
+"""The `quantlab` command.
 
-    quantlab compare                       # every preset on the embedded model's weights
-    quantlab compare --source gaussian     # ... on a 4096 x 4096 N(0, 1) tensor
-    quantlab formats                       # the element and scale formats
+    quantlab compare                       # every preset on the embedded causal LM: perplexity, KL
+    quantlab compare --model ID_OR_PATH --schemes w4a16,nvfp4 --algorithms rtn,gptq
+    quantlab weights --source gaussian     # weight-tensor error only, on a 4096 x 4096 N(0, 1)
+    quantlab formats                       # the element and scale formats, and the presets
 """
 
 from __future__ import annotations
@@ -19,6 +20,52 @@ from quantlab.report import compare_weights, format_table, linear_weights
 from quantlab.schemes import PRESETS, get_scheme
 
 
+def _scheme_list(arg: str | None) -> list[str]:
+    schemes = arg.split(",") if arg else list(PRESETS)
+    for s in schemes:
+        get_scheme(s)  # fail before any work on an unknown name
+    return schemes
+
+
+def cmd_compare(args) -> int:
+    from quantlab import compare as cmp
+    from quantlab import models, viz
+
+    schemes = _scheme_list(args.schemes)
+    algorithms = args.algorithms.split(",")
+    model, tok = models.load_causal_lm(args.model)
+    label = args.model or f"embedded {models.EMBEDDED_LM}"
+    eval_text = open(args.eval_file).read() if args.eval_file else models.eval_text()
+    print(f"Model: {label}. Evaluating {len(schemes)} schemes x {len(algorithms)} algorithms "
+          f"on {args.eval_tokens} held-out tokens ...")
+    base, rows = cmp.compare(model, tok, eval_text, models.calib_text(), schemes, algorithms,
+                             seq_len=args.seq_len, eval_tokens=args.eval_tokens)
+    table = [{"scheme": "unquantized", "algorithm": "-", "bits_per_weight": 16.0,
+              "size_mib": base["size_mib"], "perplexity": base["perplexity"], "delta_ppl": 0.0,
+              "kl": 0.0, "worst": "-"}]
+    for r in rows:
+        d = dataclasses.asdict(r)
+        d["worst"] = f"{r.worst_layer} ({r.worst_output_sqnr_db:.1f} dB)"
+        table.append(d)
+    text = format_table(table, [
+        ("scheme", "scheme", ""), ("algorithm", "algorithm", ""),
+        ("bits_per_weight", "bits/weight", ".3f"), ("size_mib", "size MiB", ".2f"),
+        ("perplexity", "perplexity", ".3f"), ("delta_ppl", "delta", "+.3f"),
+        ("kl", "KL nats", ".5f"), ("worst", "worst layer (output SQNR)", "")])
+    print(text)
+    print(f"Perplexity over {base['eval_tokens']} tokens in windows of {base['seq_len']}; "
+          "sizes count non-linear weights (embeddings, norms, ignored lm_head) at 16 bits.")
+    if args.report:
+        viz.html_report(args.report, f"quantlab compare: {label}", text,
+                        [viz.perplexity_vs_bits(base, rows), viz.layer_sqnr_heatmap(rows)])
+        print(f"Report: {args.report}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": label, "baseline": base,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
 def _weights(args) -> tuple[str, dict]:
     if args.source == "gaussian":
         g = torch.Generator().manual_seed(args.seed)
@@ -33,10 +80,8 @@ def _weights(args) -> tuple[str, dict]:
     return f"embedded model {path.name}", linear_weights(path)
 
 
-def cmd_compare(args) -> int:
-    schemes = args.schemes.split(",") if args.schemes else list(PRESETS)
-    for s in schemes:
-        get_scheme(s)  # fail before any work on an unknown name
+def cmd_weights(args) -> int:
+    schemes = _scheme_list(args.schemes)
     source, weights = _weights(args)
     n = sum(w.numel() for w in weights.values())
     print(f"Weights: {source}: {len(weights)} tensors, {n:,} elements")
@@ -47,7 +92,7 @@ def cmd_compare(args) -> int:
     print(format_table(rows, [
         ("scheme", "scheme", ""), ("bits_per_weight", "bits/weight", ".4f"),
         ("mib", "MiB", ".3f"), ("sqnr_db", "SQNR dB", ".2f"), ("cosine", "cosine", ".6f"),
-        ("max_abs_error", "max |err|", ".4g"), ("worst", "worst layer (SQNR dB)", "")]))
+        ("max_abs_error", "max |err|", ".4g"), ("worst", "worst tensor (SQNR dB)", "")]))
     print(f"bf16 for reference: 16 bits/weight, {n * 2 / 2**20:.3f} MiB")
     if args.json:
         with open(args.json, "w") as f:
@@ -60,8 +105,8 @@ def cmd_formats(args) -> int:
     for f in FORMATS.values():
         d = f.describe()
         rows.append({"name": d["name"], "bits": d["bits"], "max": d["max"],
-                     "min": f.min_subnormal,
-                     "values": d["values"], "inf": d["has_inf"], "nan": d["has_nan"]})
+                     "min": f.min_subnormal, "values": d["values"], "inf": d["has_inf"],
+                     "nan": d["has_nan"]})
     print(format_table(rows, [("name", "format", ""), ("bits", "bits", "d"),
                               ("max", "max", ".6g"), ("min", "smallest > 0", ".6g"),
                               ("values", "values", "d"), ("inf", "inf", ""), ("nan", "NaN", "")]))
@@ -77,20 +122,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantlab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="quantize weights with each scheme and print the error")
-    c.add_argument("--source", choices=("model", "gaussian"), default="model")
-    c.add_argument("--model", help="a safetensors file or directory (default: the embedded LM)")
+    c = sub.add_parser("compare", help="quantize a causal LM with each scheme: perplexity, KL")
+    c.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
     c.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(PRESETS)}")
-    c.add_argument("--size", type=int, default=4096, help="gaussian: rows = cols")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--algorithms", default="rtn", help="comma-separated, e.g. rtn,gptq,awq")
+    c.add_argument("--eval-tokens", type=int, default=8192)
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--eval-file", help="text to measure perplexity on (default: embedded eval)")
+    c.add_argument("--report", default="quantlab-report.html", help="HTML report path ('' = none)")
     c.add_argument("--json", help="also write the rows to this JSON file")
     c.set_defaults(func=cmd_compare)
+    w = sub.add_parser("weights", help="quantize weight tensors with each scheme: tensor error")
+    w.add_argument("--source", choices=("model", "gaussian"), default="model")
+    w.add_argument("--model", help="a safetensors file or directory (default: the embedded LM)")
+    w.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(PRESETS)}")
+    w.add_argument("--size", type=int, default=4096, help="gaussian: rows = cols")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--json", help="also write the rows to this JSON file")
+    w.set_defaults(func=cmd_weights)
     f = sub.add_parser("formats", help="list element formats and scheme presets")
     f.set_defaults(func=cmd_formats)
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, ModuleNotFoundError) as err:
         print(f"quantlab: error: {err}", file=sys.stderr)
         return 2
 

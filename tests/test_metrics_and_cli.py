@@ -51,7 +51,7 @@ def test_metrics_reject_mismatched_or_empty():
 
 def test_compare_prints_a_table_and_json(capsys, tmp_path):
     out = tmp_path / "rows.json"
-    assert main(["compare", "--source", "gaussian", "--size", "256",
+    assert main(["weights", "--source", "gaussian", "--size", "256",
                  "--schemes", "w4a16,nvfp4,fp8_dynamic", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"w4a16\s+4\.1250\s", text) and "nvfp4" in text and "SQNR dB" in text
@@ -64,15 +64,15 @@ def test_compare_on_a_safetensors_file(capsys, tmp_path):
 
     save_file({"layers.0.q_proj.weight": torch.randn(64, 128),
                "embed_tokens.weight": torch.randn(10, 128)}, str(tmp_path / "m.safetensors"))
-    assert main(["compare", "--model", str(tmp_path), "--schemes", "w4a16"]) == 0
+    assert main(["weights", "--model", str(tmp_path), "--schemes", "w4a16"]) == 0
     text = capsys.readouterr().out
     assert "1 tensors, 8,192 elements" in text  # the embedding is skipped
 
 
 def test_cli_errors_say_what_is_known(capsys, tmp_path):
-    assert main(["compare", "--source", "gaussian", "--size", "64", "--schemes", "int3"]) == 2
+    assert main(["weights", "--source", "gaussian", "--size", "64", "--schemes", "int3"]) == 2
     assert "known schemes: fp8_per_tensor" in capsys.readouterr().err
-    assert main(["compare", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["weights", "--model", str(tmp_path / "missing")]) == 2
     assert "no .safetensors" in capsys.readouterr().err
 
 

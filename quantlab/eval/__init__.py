@@ -1,8 +1,9 @@
-"""Measurement: error metrics for tensor pairs (and, as they land, perplexity and throughput)."""
+"""Measurement: error metrics for tensor pairs, and model-level errors (KL, per-layer)."""
 
+from quantlab.eval.lm import capture_linear_io, layer_errors, next_token_kl
 from quantlab.eval.metrics import (
     cosine_similarity, error_histogram, error_report, max_abs_error, mse, sqnr_db,
 )
 
 __all__ = ["mse", "sqnr_db", "max_abs_error", "cosine_similarity", "error_histogram",
-           "error_report"]
+           "error_report", "next_token_kl", "layer_errors", "capture_linear_io"]

@@ -1,0 +1,120 @@
+"""The main job: quantize a causal LM with each scheme (and algorithm), measure what it costs.
+
+One row per (scheme, algorithm): bits per weight, model size, held-out perplexity and its change
+from the unquantized model, next-token KL divergence, and the worst layer by output error.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from quantlab.eval.lm import capture_linear_io, layer_errors, next_token_kl
+from quantlab.formats import get_format
+from quantlab.nn import QuantLinear, linear_layers, model_size_bytes, quantize_model
+from quantlab.schemes import Scheme, get_scheme
+
+
+@dataclass
+class CompareRow:
+    scheme: str
+    algorithm: str
+    bits_per_weight: float  # over the quantized linear layers, scales included
+    size_mib: float  # whole model: quantized layers + everything else in bf16
+    perplexity: float
+    delta_ppl: float  # perplexity - unquantized perplexity
+    kl: float  # mean KL(P_ref || P_quant) per token, nats
+    worst_layer: str
+    worst_output_sqnr_db: float
+    seconds: float
+    layers: list[dict] = field(default_factory=list, repr=False)
+
+
+def token_windows(tokenizer, text: str, seq_len: int, n_tokens: int) -> Tensor:
+    """The first n_tokens tokens of text as (n_tokens // seq_len, seq_len) int64 windows."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:n_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+                         "give a longer text or a smaller seq_len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.inference_mode()
+def mean_nll(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
+    """Mean next-token negative log-likelihood (nats) over every window."""
+    total, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        total += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            reduction="sum"))
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+def static_act_scales(model: nn.Module, scheme: Scheme, calib: Tensor,
+                      ignore=("lm_head",)) -> dict[str, Tensor]:
+    """Per-layer static activation scale amax(inputs on calib) / element max, for schemes whose
+    activations are static per-tensor (vLLM's calibrated fp8 scales)."""
+    act = scheme.activations
+    if act is None or act.dynamic:
+        return {}
+    names = [n for n in linear_layers(model) if not any(n.endswith(p) for p in ignore)]
+    acts = capture_linear_io(model, names, calib)
+    fmax = get_format(act.format).max
+    return {n: (a.abs().amax() / fmax).clamp(min=1e-12) for n, a in acts.items()}
+
+
+def rtn(model: nn.Module, scheme: Scheme, calib: Tensor) -> nn.Module:
+    """Round to nearest: every linear layer quantized on its own, no calibration for weights."""
+    return quantize_model(model, scheme, act_scales=static_act_scales(model, scheme, calib))
+
+
+ALGORITHMS = {"rtn": rtn}
+
+
+def algorithm_names() -> list[str]:
+    return list(ALGORITHMS)
+
+
+def compare(model: nn.Module, tokenizer, eval_text: str, calib_text: str,
+            schemes: list[str], algorithms: list[str] = ("rtn",), seq_len: int = 256,
+            eval_tokens: int = 8192, calib_tokens: int = 1024, kl_tokens: int = 2048,
+            log=print) -> tuple[dict, list[CompareRow]]:
+    """Run every (scheme, algorithm) on a copy of `model`. Returns (baseline dict, rows)."""
+    for a in algorithms:
+        if a not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {a!r}; known: {', '.join(ALGORITHMS)}")
+    resolved = [get_scheme(s) for s in schemes]
+    windows = token_windows(tokenizer, eval_text, seq_len, eval_tokens)
+    calib = token_windows(tokenizer, calib_text, seq_len, calib_tokens)
+    kl_windows = windows[: max(1, kl_tokens // seq_len)]
+    base_ppl = math.exp(mean_nll(model, windows))
+    n_params = sum(p.numel() for p in model.parameters())
+    baseline = {"perplexity": base_ppl, "size_mib": n_params * 2 / 2**20,
+                "eval_tokens": windows.numel(), "seq_len": seq_len}
+    rows = []
+    for scheme in resolved:
+        for algo in algorithms:
+            t0 = time.perf_counter()
+            qmodel = ALGORITHMS[algo](copy.deepcopy(model), scheme, calib)
+            ppl = math.exp(mean_nll(qmodel, windows))
+            kl = next_token_kl(model, qmodel, kl_windows)
+            layers = layer_errors(model, qmodel, calib[:2])
+            worst = min(layers, key=lambda r: r["output_sqnr_db"])
+            qlayers = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+            bits = sum(m.qweight.storage_bits for m in qlayers)
+            numel = sum(m.qweight.numel for m in qlayers)
+            row = CompareRow(scheme.name, algo, bits / numel, model_size_bytes(qmodel) / 2**20,
+                             ppl, ppl - base_ppl, kl, worst["layer"], worst["output_sqnr_db"],
+                             time.perf_counter() - t0, layers)
+            rows.append(row)
+            if log:
+                log(f"  {scheme.name:<14} {algo:<6} ppl {ppl:8.3f}  ({row.seconds:.1f} s)")
+    return baseline, rows
