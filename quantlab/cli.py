@@ -100,16 +100,36 @@ def cmd_weights(args) -> int:
     return 0
 
 
+def format_sqnr(fmt, x: torch.Tensor) -> float | None:
+    """SQNR (dB) of x quantized to `fmt` with one fp32 absmax scale per row (asymmetric for
+    unsigned integers); None for a scale-only format."""
+    from quantlab.eval import sqnr_db
+    from quantlab.quantize import fake_quantize
+    from quantlab.schemes import TensorScheme
+
+    if fmt.kind == "exponent":
+        return None
+    unsigned = fmt.kind == "int" and not fmt.signed
+    return sqnr_db(x, fake_quantize(x, TensorScheme(fmt.name, "channel", symmetric=not unsigned)))
+
+
 def cmd_formats(args) -> int:
+    x = None
+    if args.sqnr_size:
+        x = torch.randn(args.sqnr_size, args.sqnr_size, generator=torch.Generator().manual_seed(0))
     rows = []
     for f in FORMATS.values():
         d = f.describe()
+        db = format_sqnr(f, x) if x is not None else None
         rows.append({"name": d["name"], "bits": d["bits"], "max": d["max"],
                      "min": f.min_subnormal, "values": d["values"], "inf": d["has_inf"],
-                     "nan": d["has_nan"]})
-    print(format_table(rows, [("name", "format", ""), ("bits", "bits", "d"),
-                              ("max", "max", ".6g"), ("min", "smallest > 0", ".6g"),
-                              ("values", "values", "d"), ("inf", "inf", ""), ("nan", "NaN", "")]))
+                     "nan": d["has_nan"], "sqnr": "-" if db is None else f"{db:.2f}"})
+    cols = [("name", "format", ""), ("bits", "bits", "d"), ("max", "max", ".6g"),
+            ("min", "smallest > 0", ".6g"), ("values", "values", "d"), ("inf", "inf", ""),
+            ("nan", "NaN", "")]
+    if x is not None:
+        cols.append(("sqnr", f"SQNR dB, N(0,1) {args.sqnr_size}^2 per-row scale", ">"))
+    print(format_table(rows, cols))
     print()
     print(format_table([{"name": s.name, "w": s.weights.describe(),
                          "a": s.activations.describe() if s.activations else "16-bit"}
@@ -141,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--json", help="also write the rows to this JSON file")
     w.set_defaults(func=cmd_weights)
     f = sub.add_parser("formats", help="list element formats and scheme presets")
+    f.add_argument("--sqnr-size", type=int, default=0,
+                   help="also measure each format's SQNR on an N x N N(0, 1) tensor")
     f.set_defaults(func=cmd_formats)
     args = p.parse_args(argv)
     try:

@@ -88,3 +88,13 @@ def test_readme_python_example_runs():
     code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     code = code.replace("4096, 4096", "512, 512")
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_formats_sqnr_column_orders_by_precision(capsys):
+    assert main(["formats", "--sqnr-size", "128"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    db = {ln.split()[0]: ln.split()[-1] for ln in lines[2:15]}
+    assert db["e8m0"] == "-"
+    assert float(db["int8"]) > float(db["e4m3"]) > float(db["e2m3"]) > float(db["e2m1"]) \
+        > float(db["int2"])
+    assert float(db["e4m3"]) == pytest.approx(31.5, abs=0.6)  # 3 mantissa bits: ~31.5 dB
