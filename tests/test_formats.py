@@ -59,14 +59,17 @@ def test_encode_matches_torch_cast(fmt):
     """Millions of random float32, every tie and its neighbours, every grid value, overflow."""
     rule = torch_overflow_rule(fmt)
     x = torch.cat([wide_random(2_000_000, 1), tie_points(fmt), torch.tensor([0.0, -0.0])])
-    assert torch.equal(fmt.encode(x, overflow=rule), torch_codes(x, fmt))
+    assert torch.equal(fmt.encode_exact(x, overflow=rule), torch_codes(x, fmt))
+    # the fast saturating path (clamp, then torch's cast) equals the explicit arithmetic
+    assert torch.equal(fmt.encode(x, overflow="saturate"), fmt.encode_exact(x, "saturate"))
 
 
 @pytest.mark.parametrize("fmt", TORCH_FLOATS, ids=lambda f: f.name)
 def test_nan_and_inf_follow_torch(fmt):
     rule = torch_overflow_rule(fmt)
     x = torch.tensor([NAN, -NAN, INF, -INF])
-    ours, ref = fmt.encode(x, overflow=rule), torch_codes(x, fmt)
+    assert torch.equal(fmt.encode(x, overflow="saturate"), fmt.encode_exact(x, "saturate"))
+    ours, ref = fmt.encode_exact(x, overflow=rule), torch_codes(x, fmt)
     assert torch.equal(ours[2:], ref[2:])
     assert fmt.decode(ours[:2]).isnan().all() and fmt.decode(ref[:2]).isnan().all()
     assert torch.equal(ours[:2] & 0x7F, ref[:2] & 0x7F)
@@ -106,6 +109,7 @@ def test_encode_matches_brute_force_oracle(fmt):
     small = torch.randn(5_000, generator=g) * fmt.min_normal
     ties = tie_points(fmt)
     x = torch.cat([inside, small, ties[ties.abs() <= fmt.max * 1.5]])
+    assert torch.equal(fmt.encode_exact(x, overflow="saturate"), oracle_encode(x, fmt))
     assert torch.equal(fmt.encode(x, overflow="saturate"), oracle_encode(x, fmt))
 
 
