@@ -4,6 +4,8 @@
     quantlab compare --model ID_OR_PATH --schemes w4a16,nvfp4 --algorithms rtn,gptq
     quantlab weights --source gaussian     # weight-tensor error only, on a 4096 x 4096 N(0, 1)
     quantlab formats                       # the element and scale formats, and the presets
+    quantlab export --scheme w4a16 --format compressed-tensors --out DIR   # a vLLM checkpoint
+    quantlab audit DIR --reference embedded                                # check a checkpoint
 """
 
 from __future__ import annotations
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--json", help="also write the rows to this JSON file")
     w.set_defaults(func=cmd_weights)
+    from quantlab.io.cli import add_audit_parser, add_export_parser
+
+    add_export_parser(sub)
+    add_audit_parser(sub)
     f = sub.add_parser("formats", help="list element formats and scheme presets")
     f.add_argument("--sqnr-size", type=int, default=0,
                    help="also measure each format's SQNR on an N x N N(0, 1) tensor")

@@ -1,0 +1,139 @@
+"""`quantlab export` and `quantlab audit`, registered by quantlab.cli:
+
+    quantlab export --scheme w4a16 --format compressed-tensors --out out/stdlib-llama-w4a16
+    quantlab export --scheme gguf_q4_0 --format gguf --out out/          # out/<name>-Q4_0.gguf
+    quantlab audit out/stdlib-llama-w4a16 --reference embedded
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(model_arg: str | None):
+    """(model, tokenizer, source directory or None, display name)."""
+    from quantlab import models
+
+    model, tok = models.load_causal_lm(model_arg)
+    if model_arg is None:
+        return model, tok, models.embedded_lm_dir(), models.EMBEDDED_LM
+    src = Path(model_arg) if Path(model_arg).is_dir() else None
+    return model, tok, src, Path(model_arg).name
+
+
+def _calib_ids(tok, calib_file: str | None, n_tokens: int) -> torch.Tensor:
+    from quantlab import models
+    from quantlab.compare import token_windows
+
+    text = Path(calib_file).read_text() if calib_file else models.calib_text()
+    return token_windows(tok, text, 256, n_tokens)
+
+
+def _print_rows(rows: list[dict]) -> bool:
+    bad = [r for r in rows if not r["equal"] and not r.get("ties_only")]
+    exact = sum(r["equal"] for r in rows)
+    ties = sum((not r["equal"]) and r.get("ties_only", False) for r in rows)
+    print(f"Verified {len(rows)} layers with the peer's reader: {exact} bit-exact"
+          + (f", {ties} differing only at {rows[0]['dtype']} rounding ties (NVFP4 global-scale "
+             "convention)" if ties else "") + (f", {len(bad)} WRONG" if bad else ""))
+    for r in bad:
+        print(f"  {r['layer']}: {r['mismatches']} mismatches, max |diff| {r['max_abs_diff']:.3g}")
+    return not bad
+
+
+def cmd_export(args) -> int:
+    from quantlab.compare import static_act_scales
+    from quantlab.io import compressed_tensors as ct
+    from quantlab.io import gguf as gg
+    from quantlab.io import verify
+    from quantlab.nn import quantize_model
+    from quantlab.schemes import get_scheme
+
+    scheme = get_scheme(args.scheme)
+    model, tok, src, label = _load(args.model)
+    needs_calib = (scheme.activations is not None and
+                   (not scheme.activations.dynamic or scheme.activations.scale_rule == "nvfp4"))
+    calib = _calib_ids(tok, args.calib_file, args.calib_tokens) if needs_calib else None
+    base_params = {n: p.detach().to(DTYPES[args.dtype]).float() for n, p in
+                   model.named_parameters()}
+    with torch.no_grad():  # quantize what the checkpoint stores: weights rounded to --dtype
+        for n, p in model.named_parameters():
+            p.copy_(base_params[n])
+    act_scales = static_act_scales(model, scheme, calib) if calib is not None else None
+    qmodel = quantize_model(model, scheme, act_scales=act_scales)
+    if args.format == "gguf":
+        out = Path(args.out)
+        if out.suffix != ".gguf":
+            out = out / f"{label}-{gg.RULE_TO_TYPE.get(scheme.weights.scale_rule, 'X')}.gguf"
+        path = gg.export_gguf(qmodel, out, tok, name=label, overwrite=args.overwrite)
+        size = path.stat().st_size
+        print(f"Wrote {path} ({size:,} bytes, {size / 2**20:.2f} MiB): {scheme.name}, "
+              f"{scheme.weights.describe()}")
+        ok = _print_rows(verify.verify_gguf(path, qmodel)) if args.verify else True
+        print(f"Serve it: llama-server -m {path}   (or: llama-cli -m {path} -p 'import os')")
+        return 0 if ok else 1
+    igs = ct.calibrate_input_global_scales(qmodel, calib) if calib is not None else None
+    path = ct.export_compressed_tensors(qmodel, args.out, tokenizer=tok, source_dir=src,
+                                        dtype=DTYPES[args.dtype], input_global_scales=igs,
+                                        overwrite=args.overwrite)
+    size = (path / "model.safetensors").stat().st_size
+    print(f"Wrote {path}/ (model.safetensors {size:,} bytes, {size / 2**20:.2f} MiB): "
+          f"{scheme.name} as {ct.compression_format(scheme)}")
+    ok = _print_rows(verify.verify_compressed_tensors(path, qmodel)) if args.verify else True
+    print(f"Serve it: {ct.vllm_serve_command(path, scheme)}")
+    return 0 if ok else 1
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    from quantlab.io.compressed_tensors import SUPPORTED
+
+    e = subparsers.add_parser("export", help="quantize a model and write a checkpoint vLLM "
+                              "(compressed-tensors) or llama.cpp (GGUF) loads")
+    e.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
+    e.add_argument("--scheme", required=True,
+                   help=f"compressed-tensors: {', '.join(SUPPORTED)}; gguf: gguf_q8_0, gguf_q4_0")
+    e.add_argument("--format", choices=("compressed-tensors", "gguf"), default="compressed-tensors")
+    e.add_argument("--out", required=True, help="output directory (gguf: directory or .gguf)")
+    e.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                   help="dtype of the unquantized tensors (embeddings, norms, ignored layers)")
+    e.add_argument("--calib-file", help="text for static activation scales (default: embedded "
+                   "calibration split)")
+    e.add_argument("--calib-tokens", type=int, default=2048)
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip re-reading the export with compressed-tensors / gguf")
+    e.set_defaults(func=cmd_export)
+    return e
+
+
+def cmd_audit(args) -> int:
+    from quantlab.io.audit import audit, format_audit
+    from quantlab.io.safetensors_io import read_safetensors_dir
+
+    reference = None
+    if args.reference:
+        if args.reference == "embedded":
+            from quantlab.models import embedded_lm_dir
+
+            ref_path = embedded_lm_dir()
+        else:
+            ref_path = Path(args.reference)
+        reference = {k: v for k, v in read_safetensors_dir(ref_path).items() if v.ndim == 2}
+    report = audit(args.path, reference)
+    print(format_audit(report))
+    return 1 if report.problems else 0
+
+
+def add_audit_parser(subparsers) -> argparse.ArgumentParser:
+    a = subparsers.add_parser("audit", help="read a compressed-tensors directory or .gguf file: "
+                              "per-layer scheme, error, layers left in full precision, bad scales")
+    a.add_argument("path", help="compressed-tensors model directory or .gguf file")
+    a.add_argument("--reference", help="unquantized safetensors checkpoint (directory or file) to "
+                   "measure the error against, or 'embedded'")
+    a.set_defaults(func=cmd_audit)
+    return a

@@ -1,0 +1,300 @@
+"""GGUF (llama.cpp) export and import for Llama-architecture models, through the `gguf` package.
+
+Export writes what llama.cpp's convert_hf_to_gguf.py writes for a Llama: general.* and llama.*
+metadata, the byte-level BPE tokenizer as tokenizer.ggml.* ("gpt2" model), tensors named by
+gguf's own TensorNameMap (token_embd, blk.N.attn_q, ..., output), with attn_q / attn_k rows
+permuted into llama.cpp's rope layout (convert_hf_to_gguf's LlamaModel.permute). Linear layers
+quantized with gguf_q8_0 / gguf_q4_0 are written as ggml Q8_0 / Q4_0 blocks (quantlab.packing,
+byte-exact with gguf's reference quantizers); Linear layers left in full precision and the token
+embedding as F16; norms as F32. The row permutation commutes with quantization because every
+ggml block lies inside one row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from quantlab.io.safetensors_io import atomic_output
+from quantlab.nn import QuantLinear
+from quantlab.packing import gguf_q4_0_blocks, gguf_q8_0_blocks
+from quantlab.quantize import QuantizedTensor
+from quantlab.schemes import PRESETS
+
+
+def _gguf():
+    try:
+        import gguf
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError("GGUF export and import need the gguf package: "
+                                  "pip install gguf (or quantlab[peers])") from err
+    return gguf
+
+
+RULE_TO_TYPE = {"gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
+FILE_TYPE = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
+
+
+def rope_permutation(n_rows: int, n_head: int) -> Tensor:
+    """Row order llama.cpp wants for a q/k projection of n_head heads: within each head, the
+    even rotary halves interleaved, as convert_hf_to_gguf's permute(w, n_head, n_head_kv)
+    (reshape (n_head, 2, head_dim/2, K) -> swap axes 1, 2). Returns new_row -> old_row."""
+    idx = torch.arange(n_rows)
+    return idx.reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+def _permute_rows(q: QuantizedTensor, perm: Tensor) -> QuantizedTensor:
+    return QuantizedTensor(q.codes[perm], q.scales[perm], q.scheme, q.shape, q.dtype,
+                           None if q.zero_points is None else q.zero_points[perm], q.global_scale)
+
+
+def hf_to_gguf_names(n_blocks: int) -> dict[str, str]:
+    """HF Llama module names -> gguf tensor base names, from gguf's own TensorNameMap."""
+    gguf = _gguf()
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    names = ["model.embed_tokens", "model.norm", "lm_head"]
+    for i in range(n_blocks):
+        names += [f"model.layers.{i}.{s}" for s in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+            "mlp.down_proj")]
+    return {n: tmap.get_name(n) for n in names}
+
+
+def _rope_heads(name: str, cfg) -> int | None:
+    if name.endswith("self_attn.q_proj"):
+        return cfg.num_attention_heads
+    if name.endswith("self_attn.k_proj"):
+        return cfg.num_key_value_heads or cfg.num_attention_heads
+    return None
+
+
+def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer, as convert_hf_to_gguf's _set_vocab_gpt2."""
+    gguf = _gguf()
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = backend.get("model", {}), backend.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre else []
+    byte_level = [p for p in pres if p.get("type") == "ByteLevel"]
+    if model.get("type") != "BPE" or len(pres) != 1 or not byte_level \
+            or byte_level[0].get("add_prefix_space") or not byte_level[0].get("use_regex", True):
+        raise ValueError("quantlab writes GGUF tokenizers for byte-level BPE with GPT-2 "
+                         "pre-tokenization only; for other tokenizers convert the exported "
+                         "safetensors with llama.cpp's convert_hf_to_gguf.py")
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif reverse[i] in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's regex: what ByteLevel(use_regex=True) applies
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = model.get("merges", [])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
+        if tid is not None:
+            getattr(writer, f"add_{kind}_token_id")(tid)
+
+
+def _llama_metadata(writer, cfg, name: str, file_type: str) -> None:
+    gguf = _gguf()
+    if getattr(cfg, "model_type", None) != "llama":
+        raise ValueError(f"GGUF export supports the Llama architecture, not "
+                         f"{getattr(cfg, 'model_type', None)!r}")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope.get('rope_type')!r} is not written by quantlab's GGUF "
+                         "exporter; use llama.cpp's convert_hf_to_gguf.py")
+    writer.add_name(name)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, file_type)))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads or cfg.num_attention_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+
+
+def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, str]]:
+    """[(gguf name, numpy data, ggml type name)] for every tensor of a (quantized) Llama, in
+    llama.cpp's row layout. Quantized data are (N, bytes per row) uint8 blocks."""
+    cfg = model.config
+    names = hf_to_gguf_names(cfg.num_hidden_layers)
+    out = []
+    types = set()
+    for mod_name, mod in model.named_modules():
+        if mod_name not in names:
+            continue
+        base = names[mod_name]
+        if base is None:
+            raise ValueError(f"gguf has no tensor name for {mod_name}")
+        heads = _rope_heads(mod_name, cfg)
+        if isinstance(mod, QuantLinear):
+            q = mod.qweight
+            qtype = RULE_TO_TYPE.get(q.scheme.scale_rule)
+            if qtype is None:
+                raise ValueError(f"{mod_name} is quantized with {mod.scheme.name}, which GGUF "
+                                 "cannot store; quantize with gguf_q8_0 or gguf_q4_0")
+            if heads:
+                q = _permute_rows(q, rope_permutation(q.shape[0], heads))
+            blocks = gguf_q8_0_blocks(q) if qtype == "Q8_0" else gguf_q4_0_blocks(q)
+            out.append((f"{base}.weight", blocks.reshape(q.shape[0], -1).numpy(), qtype))
+            types.add(qtype)
+            continue
+        w = mod.weight.detach().float()
+        if heads:
+            w = w[rope_permutation(w.shape[0], heads)]
+        if w.ndim == 1:
+            out.append((f"{base}.weight", w.numpy(), "F32"))
+        else:
+            out.append((f"{base}.weight", w.to(torch.float16).numpy(), "F16"))
+    if not types:
+        raise ValueError("no layer is quantized with gguf_q8_0 or gguf_q4_0: run quantize_model"
+                         "(model, 'gguf_q8_0') (or gguf_q4_0) first")
+    return out
+
+
+def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer,
+                name: str = "quantlab-model", overwrite: bool = False) -> Path:
+    """Write a .gguf file for a Llama model quantized with gguf_q8_0 or gguf_q4_0. out: a file
+    path ending in .gguf. Written to a temporary file and renamed: a failure leaves nothing."""
+    gguf = _gguf()
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: a GGUF file name must end in .gguf")
+    tensors = gguf_tensors(model)
+    qtypes = {t for _, _, t in tensors} - {"F16", "F32"}
+    ftype = FILE_TYPE[sorted(qtypes)[-1]] if len(qtypes) == 1 else "MOSTLY_Q8_0"
+    with atomic_output(out, overwrite, is_dir=False) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        _llama_metadata(writer, model.config, name, ftype)
+        _tokenizer_metadata(writer, tokenizer, model.config.vocab_size)
+        for tname, data, ttype in tensors:
+            raw = getattr(gguf.GGMLQuantizationType, ttype)
+            writer.add_tensor(tname, data, raw_dtype=raw if ttype not in ("F16", "F32") else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
+
+
+# ---------------------------------------------------------------- import
+
+@dataclass
+class GGUFCheckpoint:
+    """What a GGUF file holds. layers: Q8_0/Q4_0 tensors as QuantizedTensor by HF module name
+    (rows back in HF order); other: every other 2-D tensor as (ggml type name, float32 values);
+    metadata: the scalar key-values."""
+
+    metadata: dict
+    layers: dict[str, QuantizedTensor] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    other: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _open_reader(path: Path):
+    gguf = _gguf()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError) as err:
+        raise ValueError(f"{path}: not a readable GGUF file ({err}); it is corrupt, truncated "
+                         "or not GGUF") from err
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            end = t.data_offset + t.n_bytes
+            raise ValueError(f"{path}: tensor {t.name} needs bytes up to {end} but the file "
+                             f"has {size}; the file is truncated")
+    return reader
+
+
+def _scalar_fields(reader) -> dict:
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or len(f.types) != 1:
+            continue
+        try:
+            meta[key] = f.contents()
+        except (ValueError, IndexError):
+            continue
+    return meta
+
+
+def decode_blocks(data: np.ndarray, qtype: str) -> tuple[Tensor, Tensor]:
+    """(N, bytes per row) uint8 Q8_0 / Q4_0 blocks -> (codes (N, K), scales float32 (N, K/32))."""
+    width = {"Q8_0": 34, "Q4_0": 18}[qtype]
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True))
+    N = raw.shape[0]
+    blocks = raw.reshape(-1, width)
+    d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(N, -1)
+    if qtype == "Q8_0":
+        codes = blocks[:, 2:].contiguous().view(torch.int8)
+    else:
+        qs = blocks[:, 2:]
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=1)  # weight j low nibble, j + 16 high
+    return codes.reshape(N, -1).contiguous(), d
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """A .gguf file -> GGUFCheckpoint (never unpickles: GGUF is plain binary)."""
+    gguf = _gguf()
+    path = Path(path)
+    reader = _open_reader(path)
+    meta = _scalar_fields(reader)
+    ckpt = GGUFCheckpoint(metadata=meta)
+    arch = meta.get("general.architecture")
+    n_blocks = int(meta.get(f"{arch}.block_count", 0) or 0)
+    back = {g: h for h, g in hf_to_gguf_names(n_blocks).items() if g} if arch == "llama" else {}
+    heads = {"attn_q": meta.get("llama.attention.head_count"),
+             "attn_k": meta.get("llama.attention.head_count_kv")}
+    for t in reader.tensors:
+        base = t.name.removesuffix(".weight")
+        name = back.get(base, base)
+        qtype = t.tensor_type.name
+        ckpt.types[name] = qtype
+        if len(t.shape) < 2:
+            continue
+        n_head = heads.get(base.rpartition(".")[2])
+        inv = None
+        if n_head:
+            inv = torch.argsort(rope_permutation(int(t.shape[1]), int(n_head)))
+        if qtype in ("Q8_0", "Q4_0"):
+            codes, d = decode_blocks(t.data, qtype)
+            rule = {"Q8_0": "gguf_q8_0", "Q4_0": "gguf_q4_0"}[qtype]
+            q = QuantizedTensor(codes, d, PRESETS[rule].weights, torch.Size(codes.shape),
+                                torch.float32)
+            ckpt.layers[name] = _permute_rows(q, inv) if inv is not None else q
+        else:
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+            ckpt.other[name] = w[inv] if inv is not None else w
+    return ckpt
