@@ -1,0 +1,312 @@
+"""Kernel benchmark: ours against the peers on Llama-3 linear shapes, with the roofline floor.
+
+    python -m quantlab.bench [--models 8b,70b] [--M 1,4,16] [--kernels w4a16,fp8,...] [--out PATH]
+
+Needs a CUDA GPU. For every (shape, M) it times, with triton.testing.do_bench (median; do_bench
+clears the L2 cache before every timed call, so weights are read from DRAM even when they would
+fit in L2): cuBLAS bf16 (F.linear), our W4A16 kernel (symmetric and asymmetric, g = 128),
+torch.ops.aten._weight_int4pack_mm (tinygemm), our FP8 GEMM and torch._scaled_mm with the same
+scale granularity (tensor, row, 128-block), our MXFP4/NVFP4 dequant GEMMs, gemlite when it is
+installed; then the quantize kernels. floor_ms = bytes moved (each input read once, output
+written once) / measured copy bandwidth; compute_ms = 2MNK / measured matmul rate. Rows go to
+data/bench/kernels-<device>.json with a header {device, torch, triton, date, bandwidth}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # (name, N, K) of the fused linear layers vLLM runs
+    "8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
+    "70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate_up", 57344, 8192),
+            ("down", 8192, 28672)],
+}
+MS = (1, 4, 16, 64, 256, 1024, 4096)
+KERNELS = ("bf16", "w4a16", "int4pack", "fp8", "fp4", "gemlite", "quant")
+
+
+def bench(fn, rep: int = 25) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=5, rep=rep, return_mode="median"))
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (as vLLM serves decode), so host launch overhead (tens of us
+    for a Triton launch from Python) does not hide the GPU time of microsecond kernels. Every
+    kernel, ours and the peers', is timed this way; None if capture fails."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+    except Exception:  # a peer that cannot be captured is timed eagerly
+        torch.cuda.synchronize()
+        return None
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), rep=200)
+    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
+
+
+def matmul_rate(dtype) -> float:
+    """FLOP/s of an 8192^3 product: cuBLAS bf16, or torch._scaled_mm for fp8 (per tensor)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda").to(dtype)
+    b = torch.randn(n, n, device="cuda").to(dtype)
+    if dtype == torch.bfloat16:
+        ms = bench(lambda: a @ b, rep=200)
+    else:
+        one = torch.ones((), device="cuda")
+        ms = bench(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16), rep=200)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def rel_err(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+class Sweep:
+    def __init__(self, bw, peak_bf16, peak_fp8):
+        self.bw, self.peak = bw, {"bf16": peak_bf16, "fp8": peak_fp8}
+        self.rows = []
+
+    def add(self, kernel, M, N, K, fn, nbytes, peak="bf16", ref=None, **extra):
+        row = {"kernel": kernel, "M": M, "N": N, "K": K, **extra}
+        try:
+            out = fn()
+            if ref is not None:
+                row["rel_err"] = round(rel_err(out, ref), 6)
+            replay = graphed(fn)
+            row["graph"] = replay is not None
+            row["ms"] = round(bench(replay or fn), 5)
+        except Exception as e:  # a peer that refuses a shape is a result worth keeping
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        row["bytes"] = int(nbytes)
+        row["floor_ms"] = round(nbytes / self.bw * 1e3, 5)
+        row["compute_ms"] = round(2 * M * N * K / self.peak[peak] * 1e3, 5)
+        if "ms" in row:
+            row["floor_frac"] = round(max(row["floor_ms"], row["compute_ms"]) / row["ms"], 4)
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def int4pack_peer(w_codes, scales, g):
+    """torch's tinygemm: nibbles q = code + 8, even k in the high nibble; (K/g, N, 2) scale/zero
+    with w = (q - 8) * scale + zero."""
+    q = (w_codes.to(torch.int32) + 8)
+    packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    wp = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).to(torch.bfloat16).contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, wp, g, sz)
+
+
+def scaled_mm_peer(xq, xs, wq, ws, kind):
+    """torch._scaled_mm with the same granularity; rows padded to 16 (cuBLAS needs it)."""
+    M = xq.shape[0]
+    pad = (-M) % 16
+    if pad:
+        xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
+        xs = torch.cat([xs, xs.new_ones(pad, xs.shape[1])]) if kind != "tensor" else xs
+    if kind == "tensor":
+        sa, sb = xs.reshape(()), ws.reshape(())
+    elif kind == "row":
+        sa, sb = xs.contiguous(), ws.reshape(1, -1).contiguous()
+    else:  # cuBLAS blockwise: 1x128 activations, 128x128 weights, through the recipe API
+        from torch.nn.functional import ScalingType, scaled_mm
+
+        names = ScalingType.__members__
+        r1 = names.get("BlockWise1x128") or names["Blockwise_1x128"]
+        r128 = names.get("BlockWise128x128") or names["Blockwise_128x128"]
+        sa, sb = xs.t().contiguous().t(), ws.t()  # both outer-dim-major, as cuBLAS wants
+        return lambda: scaled_mm(xq, wq.t(), sa, r1, sb, r128, output_dtype=torch.bfloat16)[:M]
+    return lambda: torch._scaled_mm(xq, wq.t(), sa, sb, out_dtype=torch.bfloat16)[:M]
+
+
+def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None):
+    from quantlab import quantize
+    from quantlab.kernels import fp4_gemm, fp8_gemm, w4a16
+    from quantlab.kernels.quantize import quantize_blocks, quantize_per_token
+
+    gemlite = None
+    if "gemlite" in kernels:
+        try:
+            import gemlite  # noqa: F401
+        except ImportError:
+            print("gemlite not installed: skipped")
+    for model in models:
+        for name, N, K in SHAPES[model]:
+            torch.manual_seed(0)
+            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            prep = {}
+            if "w4a16" in kernels or "int4pack" in kernels:
+                q = quantize(W, "w4a16")
+                prep["w4"] = w4a16.from_quantized(q)
+                prep["w4_ref"] = w4a16.dequantize_int4(prep["w4"])
+                prep["w4a"] = w4a16.from_quantized(quantize(W, "w4a16_asym"))
+                prep["w4a_ref"] = w4a16.dequantize_int4(prep["w4a"])
+                if "int4pack" in kernels:
+                    prep["tiny"] = int4pack_peer(q.codes, q.scales, 128)
+                del q
+            if "fp8" in kernels:
+                wq_t = quantize(W, "fp8_per_tensor")
+                wq_r = quantize(W, "fp8_dynamic")
+                wq_b = quantize(W, "fp8_block")
+                prep["fp8"] = {k: (q.codes.view(torch.float8_e4m3fn), q.scales.float().reshape(
+                    (1, 1) if k == "tensor" else q.scales.shape))
+                               for k, q in (("tensor", wq_t), ("row", wq_r), ("block", wq_b))}
+            if "fp4" in kernels:
+                # our bit-exact quantize kernel (the reference's minifloat tables live on the CPU)
+                prep["fp4"] = {k: fp4_gemm.pack_fp4(quantize_blocks(W, k)) for k in ("mxfp4", "nvfp4")}
+            for M in Ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                io = (M * K + M * N) * 2
+                ref = F.linear(x, W)
+                tag = {"model": model, "layer": name}
+                if "bf16" in kernels:
+                    sw.add("cublas_bf16", M, N, K, lambda: F.linear(x, W), N * K * 2 + io, **tag)
+                if "w4a16" in kernels:
+                    for kname, w, wr in (("ours_w4a16", prep["w4"], prep["w4_ref"]),
+                                         ("ours_w4a16_asym", prep["w4a"], prep["w4a_ref"])):
+                        row = sw.add(kname, M, N, K, lambda w=w: w4a16.w4a16_matmul(x, w),
+                                     w.nbytes + io, ref=F.linear(x, wr), **tag)
+                        row["config"] = str(w4a16._PICKED_CONFIG(M, N, K, w, x.dtype))
+                if "int4pack" in kernels:
+                    r4 = F.linear(x, prep["w4_ref"])
+                    sw.add("aten_int4pack", M, N, K, lambda: prep["tiny"](x), prep["w4"].nbytes + io,
+                           ref=r4, **tag)
+                if "fp8" in kernels:
+                    for kind, (wq, ws) in prep["fp8"].items():
+                        if kind == "tensor":
+                            xs = x.float().abs().amax().reshape(1, 1) / 448
+                            xq = (x.float() / xs).to(torch.float8_e4m3fn)
+                        elif kind == "row":
+                            xqt = quantize_per_token(x)
+                            xq, xs = xqt.codes.view(torch.float8_e4m3fn), xqt.scales
+                        else:
+                            xg = x.float().reshape(M, K // 128, 128)
+                            xs = (xg.abs().amax(-1) / 448).clamp_min(1e-12)
+                            xq = (xg / xs[..., None]).reshape(M, K).to(torch.float8_e4m3fn)
+                        nb = N * K + M * K + M * N * 2 + 4 * (ws.numel() + xs.numel())
+                        rf = fp8_gemm.fp8_matmul_ref(xq, xs, wq, ws)
+                        sw.add(f"ours_fp8_{kind}", M, N, K,
+                               lambda xq=xq, xs=xs, wq=wq, ws=ws: fp8_gemm.fp8_matmul(xq, xs, wq, ws),
+                               nb, peak="fp8", ref=rf, **tag)
+                        sw.add(f"scaled_mm_{kind}", M, N, K, scaled_mm_peer(xq, xs, wq, ws, kind),
+                               nb, peak="fp8", ref=rf, **tag)
+                if "fp4" in kernels:
+                    for kind, w in prep["fp4"].items():
+                        rf = fp4_gemm.fp4_matmul_ref(x, w) if M <= 16 else None
+                        sw.add(f"ours_{kind}", M, N, K, lambda w=w: fp4_gemm.fp4_matmul(x, w),
+                               w.nbytes + io, ref=rf, **tag)
+            del prep, W
+            torch.cuda.empty_cache()
+            save()
+
+
+def quant_sweep(sw: Sweep):
+    """Quantize kernels: bytes = input read + codes and scales written."""
+    from quantlab.kernels.quantize import nvfp4_global_scale, quantize_blocks, quantize_per_token
+
+    for R, K in ((4096, 4096), (8192, 8192), (16384, 8192)):
+        x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
+        g = nvfp4_global_scale(x)
+        base = R * K * 2
+        sw.add("quant_fp8_per_token", R, 1, K, lambda: quantize_per_token(x, "e4m3").codes,
+               base + R * K + 4 * R, peak="fp8")
+        sw.add("quant_int8_per_token", R, 1, K, lambda: quantize_per_token(x, "int8").codes,
+               base + R * K + 4 * R, peak="fp8")
+        for kind, B in (("mxfp8", 32), ("mxfp4", 32), ("nvfp4", 16)):
+            sw.add(f"quant_{kind}", R, 1, K, lambda kind=kind: quantize_blocks(x, kind, g).codes,
+                   base + R * K + 4 * R * K // B, peak="fp8")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="8b,70b")
+    ap.add_argument("--M", default=",".join(map(str, MS)))
+    ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--out", default=None, help="JSON path (default data/bench/kernels-<device>.json)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("quantlab.bench needs a CUDA GPU; the kernels' correctness tests run on "
+                         "the CPU (pytest tests/test_kernels_*.py)")
+    import triton
+
+    kernels = a.kernels.split(",")
+    bw = copy_bandwidth()
+    peak_bf16, peak_fp8 = matmul_rate(torch.bfloat16), matmul_rate(torch.float8_e4m3fn)
+    dev = torch.cuda.get_device_name()
+    header = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.date.today().isoformat(), "bandwidth": round(bw / 1e9, 1),
+              "bandwidth_unit": "GB/s, device copy, read + written",
+              "bf16_tflops": round(peak_bf16 / 1e12, 1), "fp8_tflops": round(peak_fp8 / 1e12, 1),
+              "timing": "triton.testing.do_bench median of CUDA-graph replays, L2 cleared "
+                        "before each call"}
+    print(json.dumps(header), flush=True)
+    sw = Sweep(bw, peak_bf16, peak_fp8)
+    out = Path(a.out or f"data/bench/kernels-{slug(dev)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every shape, so a run cut short still leaves its rows
+        out.write_text(json.dumps({"header": header, "rows": sw.rows}, indent=1) + "\n")
+
+    if "quant" in kernels:
+        quant_sweep(sw)
+    gemm_kernels = [k for k in kernels if k != "quant"]
+    if gemm_kernels:
+        gemm_sweep(sw, a.models.split(","), [int(m) for m in a.M.split(",")], gemm_kernels, save)
+    save()
+    summarize(sw.rows)
+
+
+def summarize(rows):
+    """Short table: ours / peer time ratios and floor fractions per (shape, M)."""
+    by = {}
+    for r in rows:
+        if "ms" in r:
+            by.setdefault((r.get("model", "-"), r.get("layer", "q"), r["M"], r["N"], r["K"]), {})[
+                r["kernel"]] = r
+    pairs = [("ours_w4a16", "cublas_bf16"), ("ours_w4a16", "aten_int4pack"),
+             ("ours_fp8_row", "scaled_mm_row"), ("ours_fp8_block", "scaled_mm_block"),
+             ("ours_fp8_tensor", "scaled_mm_tensor")]
+    print("\nmodel layer      M   w4a16_ms  floor%  x_vs_bf16  x_vs_int4pack  fp8row/peer  "
+          "fp8blk/peer  fp8t/peer  mxfp4_ms nvfp4_ms")
+    for (model, layer, M, N, K), d in sorted(by.items()):
+        if "ours_w4a16" not in d and "quant" not in layer:
+            continue
+        def sp(a, b):
+            return f"{d[b]['ms'] / d[a]['ms']:.2f}" if a in d and b in d else "-"
+        w = d.get("ours_w4a16", {})
+        print(f"{model:5} {layer:8} {M:5}  {w.get('ms', float('nan')):8.4f}  "
+              f"{100 * w.get('floor_frac', math.nan):5.1f}  {sp(*pairs[0]):>9}  {sp(*pairs[1]):>13}"
+              f"  {sp(*pairs[2]):>11}  {sp(*pairs[3]):>11}  {sp(*pairs[4]):>9}  "
+              f"{d.get('ours_mxfp4', {}).get('ms', math.nan):8.4f} "
+              f"{d.get('ours_nvfp4', {}).get('ms', math.nan):8.4f}")
+    for r in rows:
+        if r["kernel"].startswith("quant_") and "ms" in r:
+            print(f"{r['kernel']:22} {r['M']}x{r['K']}: {r['ms']:.4f} ms, "
+                  f"{100 * r['floor_frac']:.1f}% of copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
