@@ -1,0 +1,184 @@
+"""Decode attention over a quantized KV cache: one query token per sequence, GQA, split-K.
+
+decode_attention_ref is the plain-torch definition; decode_attention is the Triton kernel that must
+match it. The cache is contiguous: codes k, v (B, H_kv, T, D) as int8, float8_e4m3fn or bf16 (no
+scale), per-(token, head) fp32 scales (B, H_kv, T), and per-sequence lengths (B,) int32.
+The kernel dequantizes in registers: an int8 or E4M3 code is exact in bf16, so the code goes to the
+tensor cores as bf16 and the scale multiplies the score (keys) or the probability (values), one
+multiply per token instead of one per element. Split-K as in flash-decoding (Dao et al. 2023): the
+T axis is cut into splits that run in parallel, then a second kernel merges their softmax states.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference works without triton
+    triton = None
+
+
+def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = None,
+                         v_scale: Tensor | None = None, lens: Tensor | None = None,
+                         sm_scale: float | None = None) -> Tensor:
+    """q (B, H_q, D); k, v (B, H_kv, T, D) codes or floats; k_scale, v_scale (B, H_kv, T) fp32 or
+    None; lens (B,) valid tokens per sequence (default T) -> (B, H_q, D) float32."""
+    B, Hq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    kf = k.float() if k_scale is None else k.float() * k_scale.float().unsqueeze(-1)
+    vf = v.float() if v_scale is None else v.float() * v_scale.float().unsqueeze(-1)
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, D)
+    s = torch.einsum("bhgd,bhtd->bhgt", qf, kf) * (sm_scale or 1 / math.sqrt(D))
+    if lens is not None:
+        s = s.masked_fill(torch.arange(T, device=q.device) >= lens.view(B, 1, 1, 1), float("-inf"))
+    o = torch.einsum("bhgt,bhtd->bhgd", torch.softmax(s, -1), vf)
+    return o.reshape(B, Hq, D)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, KS, VS, Lens, Op, Mp, Lp,  # inputs; partial out (B,Hq,S,D), max and sum (B,Hq,S)
+        qk_scale,  # 1/sqrt(D) * log2(e): exponentials are exp2
+        split_len,  # tokens per split, a multiple of BLOCK_N
+        sqb, sqh, skb, skh, skt, svb, svh, svt, ssb, ssh,  # strides (scales: token stride 1)
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, N_SPLITS,
+        DOT: tl.constexpr,  # tensor-core operand dtype: bf16 (fp32 under TRITON_INTERPRET)
+    ):
+        pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // HKV, pid_bh % HKV
+        length = tl.load(Lens + b)
+        start = pid_s * split_len
+        end = tl.minimum(start + split_len, length)
+        offs_g = tl.arange(0, GP)  # the G query heads sharing kv head h, padded for tl.dot
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :],
+                    mask=(offs_g < G)[:, None], other=0.0).to(DOT)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(tl.float32).to(DOT)))  # (GP, BLOCK_N) fp32
+            if HAS_SCALE:
+                s = s * tl.load(KS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)
+            if HAS_SCALE:
+                p = p * tl.load(VS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(tl.float32).to(DOT))
+            m_i = m_new
+        row = (b * HKV * G + h * G + offs_g) * N_SPLITS + pid_s  # (B, Hq, S) flat index
+        gm = offs_g < G
+        tl.store(Op + row[:, None] * D + offs_d[None, :], acc, mask=gm[:, None])
+        tl.store(Mp + row, m_i, mask=gm)
+        tl.store(Lp + row, l_i, mask=gm)
+
+    @triton.jit
+    def _decode_merge_kernel(Op, Mp, Lp, Out, N_SPLITS, SP: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)  # one (b, query head)
+        offs_s = tl.arange(0, SP)
+        offs_d = tl.arange(0, D)
+        ms = offs_s < N_SPLITS
+        m = tl.load(Mp + pid * N_SPLITS + offs_s, mask=ms, other=float("-inf"))
+        l_s = tl.load(Lp + pid * N_SPLITS + offs_s, mask=ms, other=0.0)
+        w = tl.where(ms & (m > float("-inf")), tl.exp2(m - tl.max(m, 0)), 0.0)  # empty split: 0
+        o = tl.load(Op + (pid * N_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+                    mask=ms[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(l_s * w, 0)
+        tl.store(Out + pid * D + offs_d, out.to(Out.dtype.element_ty))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_dtype():
+    # triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (errors ~1e10 on a 16x16
+    # product, checked 2026-11-23), so under TRITON_INTERPRET the dot runs in fp32: exact there.
+    return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+
+
+def _n_splits(batch_heads: int, T: int, block_n: int, device) -> int:
+    """Enough splits for ~4 programs per SM, none shorter than one block."""
+    sms = 4
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-4 * sms // batch_heads), -(-T // block_n), 256))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = None,
+                     v_scale: Tensor | None = None, lens: Tensor | None = None,
+                     sm_scale: float | None = None, n_splits: int | None = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+    """Triton decode attention; same arguments as decode_attention_ref -> (B, H_q, D) in q.dtype.
+    k, v: int8 or float8_e4m3fn codes with k_scale, v_scale, or bf16/fp16 with no scales."""
+    if triton is None:
+        raise ImportError("decode_attention needs triton: pip install triton "
+                          "(or quantlab[kernels])")
+    B, Hq, D = q.shape
+    _, Hkv, T, Dk = k.shape
+    if Dk != D or v.shape != k.shape or k.shape[0] != B:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need q "
+                         "(B, H_q, D) and k, v (B, H_kv, T, D) with the same B and D")
+    if Hq % Hkv:
+        raise ValueError(f"H_q={Hq} is not a multiple of H_kv={Hkv}: GQA shares each kv head "
+                         "among a whole number of query heads")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head_dim={D}: the kernel needs a power of two >= 16 (tl.arange); use "
+                         "decode_attention_ref for other sizes")
+    has_scale = k_scale is not None
+    plain = k.dtype in (torch.bfloat16, torch.float16)
+    if has_scale != (v_scale is not None) or has_scale == plain:
+        raise ValueError(f"k.dtype={k.dtype} with k_scale {'set' if has_scale else 'None'}: int8 "
+                         "and float8_e4m3fn codes need k_scale and v_scale (B, H_kv, T); bf16/fp16 "
+                         "keys and values take none")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous last (head_dim) dimension: call .contiguous()")
+    if has_scale and (k_scale.shape != (B, Hkv, T) or v_scale.shape != (B, Hkv, T)):
+        raise ValueError(f"k_scale / v_scale must be (B, H_kv, T) = {(B, Hkv, T)}")
+    if lens is None:
+        lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
+    G = Hq // Hkv
+    S = n_splits or _n_splits(B * Hkv, T, block_n, q.device)
+    split_len = _cdiv(_cdiv(T, S), block_n) * block_n  # whole blocks per split
+    S = _cdiv(T, split_len)
+    op = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
+    mp = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
+    lp = torch.empty_like(mp)
+    ks = k_scale.contiguous() if has_scale else mp  # dummy pointers when unused
+    vs = v_scale.contiguous() if has_scale else mp
+    _decode_split_kernel[(B * Hkv, S)](
+        q, k, v, ks, vs, lens, op, mp, lp, (sm_scale or 1 / math.sqrt(D)) * 1.4426950408889634,
+        split_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if has_scale else 0,
+        ks.stride(1) if has_scale else 0,
+        HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+        HAS_SCALE=has_scale, N_SPLITS=S, DOT=_dot_dtype(), num_warps=num_warps,
+        num_stages=num_stages)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _decode_merge_kernel[(B * Hq,)](op, mp, lp, out, N_SPLITS=S,
+                                    SP=max(2, triton.next_power_of_2(S)), D=D)
+    return out
+
+
+def sdpa_decode(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The bf16 peer: F.scaled_dot_product_attention over (B, H_kv, T, D) with enable_gqa."""
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
