@@ -5,23 +5,10 @@ wrongly), so CPU agreement is ~1e-6; on the GPU the dot takes bf16 operands and
 `python -m quantlab.kv.bench` checks it first (relative error 2.5e-3 int8, 1.8e-3 fp8 on the H100).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-# The interpreter must be on before triton is first imported (triton.language's own helpers are
-# decorated at import). If another test module imported triton first, run this file again in a
-# fresh process with TRITON_INTERPRET=1 (test_kernels_in_a_fresh_process) and skip here.
-ON_CPU = not torch.cuda.is_available()
-HERE_OK = not ON_CPU or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-if ON_CPU and HERE_OK:
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-here = pytest.mark.skipif(not HERE_OK, reason="triton imported before TRITON_INTERPRET=1: "
-                          "test_kernels_in_a_fresh_process runs these")
+triton = pytest.importorskip("triton")  # tests/conftest.py turns the interpreter on without a GPU
 
 from quantlab.kv.attention import decode_attention, decode_attention_ref  # noqa: E402
 from quantlab.kv.codecs import get_codec  # noqa: E402
@@ -41,7 +28,6 @@ def cache_for(codec, B, Hkv, T, D, seed):
     return kc, vc, pk["scale"], pv["scale"]
 
 
-@here
 @pytest.mark.parametrize("codec,B,Hq,Hkv,T,D,splits", [
     ("int8_per_token_head", 2, 4, 2, 150, 32, 3),   # GQA 2, ragged last block, 3 splits
     ("fp8_per_token_head", 3, 8, 2, 77, 16, 2),     # GQA 4
@@ -62,7 +48,6 @@ def test_kernel_matches_reference(codec, B, Hq, Hkv, T, D, splits):
     assert err < (1e-2 if codec == "bf16" else 1e-5), err  # bf16: the output is rounded to bf16
 
 
-@here
 def test_reference_is_attention_over_the_decoded_cache():
     kc, vc, ks, vs = cache_for("int8_per_token_head", 2, 2, 30, 16, seed=0)
     q = torch.randn(2, 4, 16)
@@ -72,7 +57,6 @@ def test_reference_is_attention_over_the_decoded_cache():
     assert torch.allclose(decode_attention_ref(q, kc, vc, ks, vs), want, atol=1e-5)
 
 
-@here
 def test_kernel_rejects_bad_shapes_with_advice():
     kc, vc, ks, vs = cache_for("int8_per_token_head", 1, 2, 8, 16, seed=0)
     with pytest.raises(ValueError, match="not a multiple of H_kv"):
@@ -82,12 +66,3 @@ def test_kernel_rejects_bad_shapes_with_advice():
     k24 = torch.zeros(1, 2, 8, 24, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="power of two"):
         decode_attention(torch.randn(1, 2, 24), k24, k24)
-
-
-def test_kernels_in_a_fresh_process():
-    if HERE_OK:
-        pytest.skip("the kernel tests ran in this process")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "6 passed" in r.stdout, r.stdout[-2000:]
