@@ -2,6 +2,9 @@
 #   make compare   install, then run the main job (quantlab compare) on the embedded model
 #   make test      install, then run the whole test suite (what CI runs)
 #   make lint      ruff
+#   make lab       JupyterLab on the chapters in notebooks/
+#   make book      build the Jupyter Book offline into book/_build/html
+#   make book-check  open every book page in headless Chromium (apt-get install chromium)
 # TORCH is the torch requirement installed before the project (override for a CUDA build).
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +12,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quantlab-installed
 
-.PHONY: install compare test lint clean
+.PHONY: install compare test lint clean book book-check lab
 
 install: $(STAMP)
 
@@ -27,6 +30,15 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check quantlab tests
+
+book: $(STAMP)
+	PYTHON=$(PY) scripts/build_book.sh
+
+book-check: book
+	$(PY) scripts/check_book.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -80,7 +80,8 @@ class TensorScheme:
         where = {"tensor": "per tensor", "channel": "per channel", "token": "per token",
                  "group": f"groups of {self.group_size}", "block": f"{self.block} blocks"}
         sym = "sym" if self.symmetric else "asym"
-        extra = " + fp32 global" if self.scale_rule == "nvfp4" else ""
+        extra = {"nvfp4": " + fp32 global", "mx_rceil": " (RCEIL)", "mx_floor": " (FLOOR)",
+                 "gguf_q8_0": " (gguf Q8_0)", "gguf_q4_0": " (gguf Q4_0)"}.get(self.scale_rule, "")
         kind = "" if self.dynamic else ", static"
         return (f"{self.format} {where[self.granularity]}, {self.scale_format} scale"
                 f"{extra}, {sym}{kind}")
