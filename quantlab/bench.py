@@ -1,6 +1,7 @@
 """Kernel benchmark: ours against the peers on Llama-3 linear shapes, with the roofline floor.
 
-    python -m quantlab.bench [--models 8b,70b] [--M 1,4,16] [--kernels w4a16,fp8,...] [--out PATH]
+    python -m quantlab.bench [--models 8b,70b] [--layers gate_up,...] [--M 1,4,16]
+                             [--kernels w4a16,fp8,...] [--out PATH]
 
 Needs a CUDA GPU. For every (shape, M) it times, with triton.testing.do_bench (median; do_bench
 clears the L2 cache before every timed call, so weights are read from DRAM even when they would
@@ -138,7 +139,7 @@ def scaled_mm_peer(xq, xs, wq, ws, kind):
     return lambda: torch._scaled_mm(xq, wq.t(), sa, sb, out_dtype=torch.bfloat16)[:M]
 
 
-def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None):
+def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
     from quantlab import quantize
     from quantlab.kernels import fp4_gemm, fp8_gemm, w4a16
     from quantlab.kernels.quantize import quantize_blocks, quantize_per_token
@@ -151,6 +152,8 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None):
             print("gemlite not installed: skipped")
     for model in models:
         for name, N, K in SHAPES[model]:
+            if layers and name not in layers:
+                continue
             torch.manual_seed(0)
             W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             prep = {}
@@ -243,6 +246,7 @@ def slug(name: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="8b,70b")
+    ap.add_argument("--layers", default="", help="e.g. gate_up,down (default: all)")
     ap.add_argument("--M", default=",".join(map(str, MS)))
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--out", default=None, help="JSON path (default data/bench/kernels-<device>.json)")
@@ -274,7 +278,8 @@ def main(argv=None):
         quant_sweep(sw)
     gemm_kernels = [k for k in kernels if k != "quant"]
     if gemm_kernels:
-        gemm_sweep(sw, a.models.split(","), [int(m) for m in a.M.split(",")], gemm_kernels, save)
+        gemm_sweep(sw, a.models.split(","), [int(m) for m in a.M.split(",")], gemm_kernels, save,
+                   [n for n in a.layers.split(",") if n])
     save()
     summarize(sw.rows)
 

@@ -17,6 +17,11 @@ The kernel computes out^T = W x^T ("swap AB"): the dequantized weight tile is th
 A operand straight from registers and the small activation tile is B, so decode batches
 (M = 1..16) waste no work on padding M up to 64. Split-K adds fp32 partial sums with atomics
 when the N tiles alone would leave SMs idle.
+
+For M <= 4 a CUDA-core GEMV (_w4a16_gemv_kernel) is also timed: it keeps the word tile, x and
+the partial sums in one register layout (no shared-memory round trip per 16-wide chunk, which is
+what limits the dot path at decode sizes: notes/kernels.md has the ncu numbers), streams the
+words with 16-byte loads and applies scales once per group and column.
 """
 
 from __future__ import annotations
@@ -168,7 +173,7 @@ def _w4a16_kernel(
     offs_i = tl.arange(0, 16)
     n_ok = offs_n < N
     m_ok = offs_m < M
-    KW = K // 8
+    KW = tl.multiple_of(K // 8, 16)  # K % 128 == 0: rows start 64-byte aligned, so 16-byte loads
     n_steps = K // BLOCK_K
     start = pid_k * steps_per_split
     end = tl.minimum(start + steps_per_split, n_steps)
@@ -180,7 +185,7 @@ def _w4a16_kernel(
                             mask=n_ok[:, None], other=0)
             for j in tl.static_range(8):
                 k0 = kb * 128 + 16 * j
-                if (j * 16) % GROUP == 0:  # a new scale group starts at this chunk (always at j = 0)
+                if (j * 16) % GROUP == 0:  # a new scale group starts here (always at j = 0)
                     g = k0 // GROUP
                     s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                     if HAS_ZERO:
@@ -216,56 +221,76 @@ def _w4a16_kernel(
 def _w4a16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,   # as in _w4a16_kernel
     M, N, K, stride_xm, stride_om, steps_per_split,
-    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SUB: tl.constexpr,  # SUB = min(GROUP, 128)
+    BLOCK_N: tl.constexpr, AHEAD: tl.constexpr, PAIRS: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """Decode path for M <= 4 on the CUDA cores. With f = 1 + nibble / 16 (exact),
-    sum_k (nibble - z) s x = s (16 sum_k f x - (16 + z) sum_k x): per weight one shift, one
-    mask and one FMA per row of x; scale and zero point are applied once per group."""
-    pid_n = tl.program_id(0)
+    """Decode path on the CUDA cores: one row of x per program (grid axis 0), a (BLOCK_N, 16)
+    tile of words per 128-block, all in one register layout: x is loaded as a (1, 16) row that
+    broadcasts over the tile, so nothing goes through shared memory. With f = 1 + nibble / 16
+    (exact), sum_k (nibble - z) s x = s (16 sum_k f x - (16 + z) sum_k x): per weight one shift,
+    one and-or and one FMA; scale and zero point are applied once per group and word column,
+    and the 16 columns are summed once at the end. AHEAD: load the next block's words before
+    unpacking this one (Triton does not pipeline loads that feed no dot), so that more bytes
+    are in flight per warp. PAIRS (groups of 32 or more): one shift serves two nibbles, the
+    second read as f = 1 + nibble / 256 (8 bits of the fp32 sum go to the offset, 16 remain)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_i = tl.arange(0, 16)
     n_ok = offs_n < N
-    m_ok = offs_m < M
-    KW = K // 8
+    KW = tl.multiple_of(K // 8, 16)  # K % 128 == 0: rows start 64-byte aligned, so 16-byte loads
     start = pid_k * steps_per_split
     end = tl.minimum(start + steps_per_split, K // 128)
-    out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    tot = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None] * KW + offs_i[None, :]
+    if AHEAD:  # (the last step re-reads its own block, from cache, rather than mask along K)
+        nxt = tl.load(w_rows + start * 16, mask=n_ok[:, None], other=0)
     for kb in range(start, end):
-        words = tl.load(w_ptr + offs_n[:, None] * KW + kb * 16 + offs_i[None, :],
-                        mask=n_ok[:, None], other=0)
+        if AHEAD:
+            words = nxt
+            nxt = tl.load(w_rows + tl.minimum(kb + 1, end - 1) * 16, mask=n_ok[:, None], other=0)
+        else:
+            words = tl.load(w_rows + kb * 16, mask=n_ok[:, None], other=0)
         for j in tl.static_range(8):
             k0 = kb * 128 + 16 * j
-            if (j * 16) % GROUP == 0:  # a group starts: fresh partial sums
-                fx = tl.zeros((BLOCK_N, 16, BLOCK_M), dtype=tl.float32)
-                xs = tl.zeros((16, BLOCK_M), dtype=tl.float32)
-            if 4 * j <= 19:
-                t = words << (19 - 4 * j)
+            if (j * 16) % SUB == 0:  # a group starts: fresh partial sums
+                fx = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+                xs = tl.zeros((1, 16), dtype=tl.float32)
+                if PAIRS:
+                    fx2 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+                    xs2 = tl.zeros((1, 16), dtype=tl.float32)
+            xj = tl.load(x_row + k0 + offs_i[None, :]).to(tl.float32)             # (1, 16)
+            if PAIRS and j % 2 == 0:  # nibble j rides along with nibble j + 1
+                x_even = xj
             else:
-                t = words >> (4 * j - 19)
-            f = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            xj = tl.load(x_ptr + offs_m[None, :] * stride_xm + k0 + offs_i[:, None],
-                         mask=m_ok[None, :], other=0.0).to(tl.float32)      # (16, BLOCK_M)
-            fx += f[:, :, None] * xj[None, :, :]
-            xs += xj
-            if ((j + 1) * 16) % GROUP == 0:  # the group ends: scale it into the output
+                if 4 * j <= 19:
+                    t = words << (19 - 4 * j)
+                else:
+                    t = words >> (4 * j - 19)
+                fx += ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * xj
+                xs += xj
+                if PAIRS:  # the same shift put nibble j - 1 in bits 15..18: f = 1 + nibble / 256
+                    fx2 += ((t & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True) * x_even
+                    xs2 += x_even
+            if ((j + 1) * 16) % SUB == 0:  # the group (or this block of it) ends
                 g = k0 // GROUP
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                 if HAS_ZERO:
                     z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
                 else:
                     z = tl.full((BLOCK_N,), 8.0, tl.float32)
-                red = tl.sum(fx, axis=1)                                      # (BLOCK_N, BLOCK_M)
-                xsum = tl.sum(xs, axis=0)                                     # (BLOCK_M,)
-                out += s[:, None] * (16.0 * red - (16.0 + z)[:, None] * xsum[None, :])
-    o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    o_mask = n_ok[:, None] & m_ok[None, :]
+                part = 16.0 * fx - (16.0 + z)[:, None] * xs
+                if PAIRS:
+                    part += 256.0 * fx2 - (256.0 + z)[:, None] * xs2
+                tot += s[:, None] * part
+    out = tl.sum(tot, axis=1)
+    o_ptrs = out_ptr + pid_m * stride_om + offs_n
     if ATOMIC:
-        tl.atomic_add(o_ptrs, out, mask=o_mask, sem="relaxed")
+        tl.atomic_add(o_ptrs, out, mask=n_ok, sem="relaxed")
     else:
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -277,7 +302,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, 16)
     n_ok = offs_n < N
-    words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + kb * 16 + offs_i[None, :],
+    KW = tl.multiple_of(K // 8, 16)
+    words = tl.load(w_ptr + offs_n[:, None] * KW + kb * 16 + offs_i[None, :],
                     mask=n_ok[:, None], other=0)
     for j in tl.static_range(8):
         k0 = kb * 128 + 16 * j
@@ -312,8 +338,10 @@ def dequantize_int4_triton(w: Int4Weight, dtype: torch.dtype) -> Tensor:
 
 def _launch(x2: Tensor, w: Int4Weight, cfg: tuple) -> Tensor:
     """cfg = ("dot", BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages): tensor cores;
-    ("gemv", BLOCK_M, BLOCK_N, 128, split_k, num_warps, num_stages): CUDA cores, M <= 4;
-    ("dequant",): dequantize with a Triton kernel, then cuBLAS (large M)."""
+    ("gemv", 1, BLOCK_N, 128, split_k, num_warps, flags): CUDA cores, one program per row of x
+    (for small M), flags = 1 to prefetch the next block's words, + 2 to unpack nibbles in pairs
+    (see _w4a16_gemv_kernel); ("dequant",): dequantize with
+    a Triton kernel, then cuBLAS (large M)."""
     if cfg[0] == "dequant":
         return torch.nn.functional.linear(x2, dequantize_int4_triton(w, x2.dtype))
     path, BM, BN, BK, split, warps, stages = cfg
@@ -325,39 +353,41 @@ def _launch(x2: Tensor, w: Int4Weight, cfg: tuple) -> Tensor:
     atomic = split > 1
     out = (torch.zeros if atomic else torch.empty)(
         (M, N), dtype=torch.float32 if atomic else x2.dtype, device=x2.device)
-    grid = (triton.cdiv(N, BN), triton.cdiv(M, BM), split)
     zeros = w.zeros if w.zeros is not None else w.scales
-    if path == "gemv":
-        _w4a16_gemv_kernel[grid](x2, w.qweight, w.scales, zeros, out, M, N, K, x2.stride(0),
-                                 out.stride(0), per, GROUP=w.group_size,
-                                 HAS_ZERO=w.zeros is not None, BLOCK_M=BM, BLOCK_N=BN,
-                                 ATOMIC=atomic, num_warps=warps, num_stages=stages)
-        return out.to(x2.dtype) if atomic else out
-    _w4a16_kernel[grid](x2, w.qweight, w.scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
-                        per, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, BLOCK_M=BM,
-                        BLOCK_N=BN, BLOCK_K=BK, ATOMIC=atomic, DOT_F32=interpreted(), num_warps=warps,
-                        num_stages=stages)
+    args = (x2, w.qweight, w.scales, zeros, out, M, N, K, x2.stride(0), out.stride(0), per)
+    if path == "gemv":  # rows of x side by side in the grid: they share weight tiles in L2
+        _w4a16_gemv_kernel[(M, triton.cdiv(N, BN), split)](
+            *args, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, SUB=min(w.group_size, 128),
+            BLOCK_N=BN, AHEAD=stages % 2 == 1, PAIRS=stages >= 2 and w.group_size >= 32,
+            ATOMIC=atomic, num_warps=warps, num_stages=1)
+    else:
+        _w4a16_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM), split)](
+            *args, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, BLOCK_M=BM, BLOCK_N=BN,
+            BLOCK_K=BK, ATOMIC=atomic, DOT_F32=interpreted(), num_warps=warps, num_stages=stages)
     return out.to(x2.dtype) if atomic else out
 
 
 def _candidates(M: int, N: int, K: int, sms: int, group: int = 128) -> list[tuple]:
     """Configs worth timing for this shape (see _launch for the tuple)."""
     if interpreted():  # small tiles keep the CPU interpreter quick; split-K exercised when K allows
-        path = "gemv" if M <= 4 and group <= 128 else "dot"  # (callers pass group=129: dot only)
-        return [(path, 4 if path == "gemv" else 16, 32, 128, 2 if K >= 256 else 1, 4, 1)]
+        split = 2 if K >= 256 else 1
+        if M <= 4 and group <= 128:  # (fp4_gemm passes group=129: dot only)
+            return [("gemv", 1, 32, 128, split, 4, 3)]
+        return [("dot", 16, 32, 128, split, 4, 1)]
     bk = 256 if K % 256 == 0 else 128
     out = []
 
-    def split_for(tiles, bk):
+    def split_for(tiles, bk, per_sm=2):  # split K until the grid covers the SMs per_sm times
         split = 1
-        while tiles * split < 2 * sms and K // bk >= 4 * split:
+        while tiles * split < per_sm * sms and K // bk >= 4 * split:
             split *= 2
         return split
 
-    if M <= 4 and group <= 128:
-        bm = triton.next_power_of_2(M)
-        for bn, warps, stages in ((64, 4, 4), (128, 4, 3), (32, 4, 4)):
-            out.append(("gemv", bm, bn, 128, split_for(triton.cdiv(N, bn), 128), warps, stages))
+    if M <= 4 and group <= 128:  # (fp4_gemm passes group=129 to get the dot configs alone)
+        for bn, warps, flags, per_sm in ((128, 4, 3, 4), (64, 4, 3, 4), (128, 4, 3, 2),
+                                         (128, 4, 1, 4)):
+            split = split_for(M * triton.cdiv(N, bn), 128, per_sm)
+            out.append(("gemv", 1, bn, 128, split, warps, flags))
     if M <= 64:
         bm = max(16, triton.next_power_of_2(M))
         for bn, stages in ((64, 4), (128, 3)):
@@ -385,7 +415,7 @@ def w4a16_matmul(x: Tensor, w: Int4Weight, config: tuple | None = None) -> Tenso
 
     config: a _launch tuple, e.g. ("dot", 16, 64, 256, 4, 4, 4), to force one path; default: the
     fastest of a few candidates for this shape, timed once per shape on the GPU. Paths: fused
-    dequant + tensor-core dot, fused dequant + CUDA-core GEMV (M <= 4), and for large M a
+    dequant + tensor-core dot, fused dequant + CUDA-core GEMV (small M), and for large M a
     Triton dequantize to 16-bit followed by cuBLAS.
     """
     where = "w4a16_matmul"
@@ -403,10 +433,9 @@ def w4a16_matmul(x: Tensor, w: Int4Weight, config: tuple | None = None) -> Tenso
         raise ValueError(f"{where}: x must be contiguous along K (stride {x.stride()}); pass "
                          "x.contiguous()")
     M = x2.shape[0]
-    if config is not None and config[0] == "gemv" and (M > 4 or w.group_size > 128):
-        raise ValueError(f"{where}: the gemv path takes M <= 4 and group_size <= 128")
     if config is None:
-        sms = 1 if interpreted() else torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = (1 if interpreted()
+               else torch.cuda.get_device_properties(x.device).multi_processor_count)
         cands = _candidates(M, N, K, sms, w.group_size)
         config = pick_config(_key(M, N, K, w, x.dtype), cands, lambda c: _launch(x2, w, c))
     return _launch(x2, w, config).reshape(*x.shape[:-1], N)
