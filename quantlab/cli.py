@@ -41,13 +41,15 @@ def cmd_compare(args) -> int:
     print(f"Model: {label}. Evaluating {len(schemes)} schemes x {len(algorithms)} algorithms "
           f"on {args.eval_tokens} held-out tokens ...")
     base, rows = cmp.compare(model, tok, eval_text, models.calib_text(), schemes, algorithms,
-                             seq_len=args.seq_len, eval_tokens=args.eval_tokens)
+                             seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                             calib_tokens=args.calib_tokens)
     table = [{"scheme": "unquantized", "algorithm": "-", "bits_per_weight": 16.0,
               "size_mib": base["size_mib"], "perplexity": base["perplexity"], "delta_ppl": 0.0,
               "kl": 0.0, "worst": "-"}]
     for r in rows:
         d = dataclasses.asdict(r)
-        d["worst"] = f"{r.worst_layer} ({r.worst_output_sqnr_db:.1f} dB)"
+        d["worst"] = (f"{r.worst_layer} ({r.worst_output_sqnr_db:.1f} dB)" if r.layers
+                      else r.worst_layer)
         table.append(d)
     text = format_table(table, [
         ("scheme", "scheme", ""), ("algorithm", "algorithm", ""),
@@ -147,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="quantize a causal LM with each scheme: perplexity, KL")
     c.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
     c.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(PRESETS)}")
-    c.add_argument("--algorithms", default="rtn", help="comma-separated, e.g. rtn,gptq,awq")
+    c.add_argument("--algorithms", default="rtn",
+                   help="comma-separated subset of rtn, gptq, awq, smoothquant, quarot")
     c.add_argument("--eval-tokens", type=int, default=8192)
     c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--calib-tokens", type=int, default=2048,
+                   help="calibration tokens for static scales and the calibrated algorithms")
     c.add_argument("--eval-file", help="text to measure perplexity on (default: embedded eval)")
     c.add_argument("--report", default="quantlab-report.html", help="HTML report path ('' = none)")
     c.add_argument("--json", help="also write the rows to this JSON file")

@@ -76,7 +76,17 @@ def rtn(model: nn.Module, scheme: Scheme, calib: Tensor) -> nn.Module:
     return quantize_model(model, scheme, act_scales=static_act_scales(model, scheme, calib))
 
 
-ALGORITHMS = {"rtn": rtn}
+def _algorithms() -> dict:
+    from quantlab.algorithms import ALGORITHMS as CALIBRATED
+
+    return {"rtn": rtn, **CALIBRATED}
+
+
+ALGORITHMS = _algorithms()
+# Algorithms that leave every float weight as it was: their per-layer error can be measured
+# against the unquantized model's layers. AWQ, SmoothQuant and rotation rescale or rotate the float
+# weights first, so a layer-by-layer comparison with the original model means nothing.
+SAME_FLOAT_WEIGHTS = ("rtn", "gptq")
 
 
 def algorithm_names() -> list[str]:
@@ -106,8 +116,9 @@ def compare(model: nn.Module, tokenizer, eval_text: str, calib_text: str,
             qmodel = ALGORITHMS[algo](copy.deepcopy(model), scheme, calib)
             ppl = math.exp(mean_nll(qmodel, windows))
             kl = next_token_kl(model, qmodel, kl_windows)
-            layers = layer_errors(model, qmodel, calib[:2])
-            worst = min(layers, key=lambda r: r["output_sqnr_db"])
+            layers = layer_errors(model, qmodel, calib[:2]) if algo in SAME_FLOAT_WEIGHTS else []
+            worst = min(layers, key=lambda r: r["output_sqnr_db"]) if layers else \
+                {"layer": "n/a (weights transformed)", "output_sqnr_db": math.nan}
             qlayers = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
             bits = sum(m.qweight.storage_bits for m in qlayers)
             numel = sum(m.qweight.numel for m in qlayers)

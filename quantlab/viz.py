@@ -30,7 +30,8 @@ def perplexity_vs_bits(baseline: dict, rows) -> go.Figure:
 
 def layer_sqnr_heatmap(rows) -> go.Figure:
     """Heatmap of each layer's output SQNR (dB) under each (scheme, algorithm)."""
-    layers = [r["layer"] for r in rows[0].layers]
+    rows = [r for r in rows if r.layers]  # rows whose algorithm transformed weights have none
+    layers = [r["layer"] for r in rows[0].layers] if rows else []
     names = [f"{r.scheme} / {r.algorithm}" for r in rows]
     z = [[next((x["output_sqnr_db"] for x in r.layers if x["layer"] == name), None)
           for r in rows] for name in layers]

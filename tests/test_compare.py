@@ -49,3 +49,15 @@ def test_compare_errors():
         token_windows(ByteTokenizer(), "short", 64, 512)
     with pytest.raises(ValueError, match="unknown algorithm"):
         compare(tiny_llama(), ByteTokenizer(), TEXT, TEXT, ["w4a16"], ["magic"])
+
+
+def test_compare_runs_calibrated_algorithms():
+    base, rows = compare(tiny_llama(), ByteTokenizer(), TEXT, TEXT, ["w4a16"], ["rtn", "gptq", "awq"],
+                         seq_len=64, eval_tokens=256, calib_tokens=512, kl_tokens=128, log=None)
+    by = {r.algorithm: r for r in rows}
+    assert set(by) == {"rtn", "gptq", "awq"}
+    assert by["gptq"].layers and not by["awq"].layers  # AWQ rescales float weights: no layer view
+    assert by["awq"].worst_layer.startswith("n/a")
+    assert all(math.isfinite(r.perplexity) and r.kl > 0 for r in rows)
+    heat = layer_sqnr_heatmap(rows)
+    assert len(heat.data[0].x) == 2  # rtn and gptq columns only
