@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 compare: $(STAMP)
 	$(VENV)/bin/quantlab compare
 
+# Idle OpenMP threads that busy-wait slow every other process on a small machine.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
