@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from quantlab.kernels._runtime import _graphed
+
 SHAPES = {  # (name, N, K) of the fused linear layers vLLM runs
     "8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
     "70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate_up", 57344, 8192),
@@ -43,17 +45,9 @@ def bench(fn, rep: int = 25) -> float:
 def graphed(fn):
     """fn captured in a CUDA graph (as vLLM serves decode), so host launch overhead (tens of us
     for a Triton launch from Python) does not hide the GPU time of microsecond kernels. Every
-    kernel, ours and the peers', is timed this way; None if capture fails."""
-    try:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g.replay
-    except Exception:  # a peer that cannot be captured is timed eagerly
-        torch.cuda.synchronize()
-        return None
+    kernel, ours and the peers', is timed this way; None if capture fails (timed eagerly)."""
+    g = _graphed(fn)
+    return None if g is fn else g
 
 
 def copy_bandwidth() -> float:
