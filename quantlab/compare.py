@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from quantlab.eval.lm import capture_linear_io, layer_errors, next_token_kl
-from quantlab.formats import get_format
-from quantlab.nn import QuantLinear, linear_layers, model_size_bytes, quantize_model
+from quantlab.algorithms.calibration import static_act_scales
+from quantlab.eval.lm import layer_errors, next_token_kl
+from quantlab.nn import QuantLinear, model_size_bytes, quantize_model
 from quantlab.schemes import Scheme, get_scheme
 
 
@@ -56,19 +56,6 @@ def mean_nll(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
             reduction="sum"))
         count += batch[:, 1:].numel()
     return total / count
-
-
-def static_act_scales(model: nn.Module, scheme: Scheme, calib: Tensor,
-                      ignore=("lm_head",)) -> dict[str, Tensor]:
-    """Per-layer static activation scale amax(inputs on calib) / element max, for schemes whose
-    activations are static per-tensor (vLLM's calibrated fp8 scales)."""
-    act = scheme.activations
-    if act is None or act.dynamic:
-        return {}
-    names = [n for n in linear_layers(model) if not any(n.endswith(p) for p in ignore)]
-    acts = capture_linear_io(model, names, calib)
-    fmax = get_format(act.format).max
-    return {n: (a.abs().amax() / fmax).clamp(min=1e-12) for n, a in acts.items()}
 
 
 def rtn(model: nn.Module, scheme: Scheme, calib: Tensor) -> nn.Module:
