@@ -398,3 +398,170 @@ def block_values_figure(block: torch.Tensor, versions: dict) -> go.Figure:
                       template="plotly_white", height=420, xaxis_title="index in the block",
                       yaxis_title="weight")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapters 7 (the KV cache) and 8 (kernels and throughput).
+# ---------------------------------------------------------------------------------------------
+
+
+def _dropdown(fig: go.Figure, groups: dict, title_of=None, extra: dict | None = None) -> None:
+    """groups: button label -> indices of the traces it shows (the others hidden); the first
+    group is shown initially. title_of: label -> figure title for that button (optional);
+    extra: label -> more layout updates for that button. The menu sits above the plot, left,
+    under the title."""
+    n = len(fig.data)
+    buttons = []
+    for lab, idx in groups.items():
+        vis = [i in idx for i in range(n)]
+        layout = {"title.text": title_of(lab)} if title_of else {}
+        layout |= (extra or {}).get(lab, {})
+        buttons.append(dict(label=lab, method="update", args=[{"visible": vis}, layout]))
+    first = set(next(iter(groups.values())))
+    for i, tr in enumerate(fig.data):
+        tr.visible = i in first
+    fig.update_layout(updatemenus=[dict(buttons=buttons, x=0.0, xanchor="left", y=1.02,
+                                        yanchor="bottom")], margin=dict(t=110))
+
+
+def kv_channel_figure(amax: dict) -> go.Figure:
+    """amax: layer -> (key absmax (H, D), value absmax (H, D)) over tokens. One bar per channel
+    (head-major), keys above and values below; a slider steps through the layers."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("keys: absmax per channel", "values: absmax per channel"))
+    layers = sorted(amax)
+    for layer in layers:
+        for row, t in enumerate(amax[layer], start=1):
+            fig.add_trace(go.Bar(y=t.flatten().tolist(), marker_color=_COLORS[row - 1],
+                                 name=("keys", "values")[row - 1], showlegend=False,
+                                 visible=layer == layers[0],
+                                 hovertemplate="channel %{x}<br>absmax %{y:.3f}<extra></extra>"),
+                          row=row, col=1)
+    steps = [dict(label=str(layer), method="update",
+                  args=[{"visible": [j // 2 == i for j in range(2 * len(layers))]}])
+             for i, layer in enumerate(layers)]
+    fig.update_layout(sliders=[dict(steps=steps, currentvalue=dict(prefix="layer "),
+                                    pad=dict(t=40))],
+                      title="Per-channel absmax of keys and values (x: head x head_dim + channel)",
+                      template="plotly_white", height=560, bargap=0)
+    fig.update_xaxes(title_text="channel", row=2, col=1)
+    return fig
+
+
+def kv_accuracy_figure(rows: list[dict]) -> go.Figure:
+    """rows from quantlab.kv.evaluate (codec, bytes_per_token, perplexity_delta,
+    greedy_agreement): bytes per token (x) against perplexity increase (y, symlog-like via a
+    dropdown between the two metrics)."""
+    fig = go.Figure()
+    for metric, lab in (("perplexity_delta", "perplexity increase"),
+                        ("greedy_agreement", "greedy agreement with bf16")):
+        fig.add_trace(go.Scatter(
+            x=[r["bytes_per_token"] for r in rows], y=[r[metric] for r in rows],
+            mode="markers+text", text=[r["codec"] for r in rows],
+            textposition=[("top center", "bottom center", "middle right", "middle left")[
+                sorted(range(len(rows)), key=lambda j: rows[j]["bytes_per_token"]).index(i) % 4]
+                for i in range(len(rows))],
+            name=lab, marker=dict(size=10, color=_COLORS[0 if metric[0] == "p" else 1]),
+            textfont=dict(size=10),
+            hovertemplate="%{text}<br>%{x} bytes/token<br>%{y:.4f}<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=500, xaxis_type="log",
+                      xaxis_title="KV bytes per token, all layers (log)",
+                      yaxis_title="perplexity increase")
+    _dropdown(fig, {"perplexity increase": [0], "greedy agreement": [1]},
+              title_of=lambda lab: f"KV codecs on stdlib-llama: {lab} against bytes per token",
+              extra={lab: {"yaxis.title.text": lab} for lab in ("perplexity increase",
+                                                                 "greedy agreement")})
+    fig.update_layout(title="KV codecs on stdlib-llama: perplexity increase against bytes per "
+                            "token")
+    return fig
+
+
+def kv_speedup_figure(bench: dict) -> go.Figure:
+    """bench: data/bench/kv-*.json ({header, rows}). Decode attention speedup over SDPA bf16 (y)
+    against context (x, log), one line per implementation; a dropdown picks the batch."""
+    h, rows = bench["header"], bench["rows"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, groups = go.Figure(), {}
+    for b in batches:
+        groups[f"batch {b}"] = []
+        for i, impl in enumerate(impls):
+            sel = sorted((r for r in rows if r["batch"] == b and r["impl"] == impl),
+                         key=lambda r: r["context"])
+            groups[f"batch {b}"].append(len(fig.data))
+            fig.add_trace(go.Scatter(
+                x=[r["context"] for r in sel], y=[r["speedup_vs_sdpa_bf16"] for r in sel],
+                mode="lines+markers", name=impl, marker=dict(color=_COLORS[i]),
+                customdata=[[r["ms"], r["floor_frac"]] for r in sel],
+                hovertemplate=impl + "<br>context %{x}<br>%{y:.2f}x SDPA<br>"
+                "%{customdata[0]:.4f} ms, %{customdata[1]:.0%} of the byte floor<extra></extra>"))
+    title = lambda lab: (f"Decode attention, {lab}: speedup over SDPA bf16 "
+                         f"({h['device']}, {h['date']})")
+    _dropdown(fig, groups, title_of=title)
+    fig.update_layout(title=title(f"batch {batches[0]}"), template="plotly_white", height=480,
+                      xaxis_type="log", xaxis_title="context (tokens, log)",
+                      xaxis_tickvals=sorted({r["context"] for r in rows}),
+                      yaxis_title="speedup over SDPA bf16")
+    fig.add_hline(y=1, line_dash="dot", line_color="#888")
+    return fig
+
+
+def kernel_shapes_figure(bench: dict, kernels: dict, floor_of: str | None = None,
+                         ratio_to: dict | None = None, what: str = "") -> go.Figure:
+    """bench: data/bench/kernels-*.json. kernels: row kernel name -> legend label. One line per
+    kernel against M (log); a dropdown picks the (model, layer) shape. y: time in ms (log), plus a
+    'floor' line = max(bytes floor, compute floor) of kernel floor_of; or, with ratio_to (kernel
+    -> its peer kernel), the peer's time divided by the kernel's (above 1: faster than it)."""
+    h = bench["header"]
+    rows = [r for r in bench["rows"] if "ms" in r and r.get("model")]
+    shapes = list(dict.fromkeys((r["model"], r["layer"], r["N"], r["K"]) for r in rows
+                                if r["kernel"] in kernels))
+    fig, groups = go.Figure(), {}
+    for m, layer, N, K in shapes:
+        lab = f"{m} {layer} (N={N}, K={K})"
+        groups[lab] = []
+        here = [r for r in rows if r["model"] == m and r["layer"] == layer]
+        at = lambda k, here=here: {r["M"]: r for r in here if r["kernel"] == k}
+        series = []
+        for k, label in kernels.items():
+            ref = at(ratio_to[k]) if ratio_to else {}
+            series.append((label, {M: (ref[M]["ms"] / r["ms"] if ratio_to else r["ms"])
+                                   for M, r in at(k).items() if not ratio_to or M in ref}))
+        if floor_of:
+            series.append(("floor", {M: max(r["floor_ms"], r["compute_ms"])
+                                     for M, r in at(floor_of).items()}))
+        for i, (label, pts) in enumerate(series):
+            groups[lab].append(len(fig.data))
+            Ms = sorted(pts)
+            fig.add_trace(go.Scatter(
+                x=Ms, y=[pts[M] for M in Ms], mode="lines+markers", name=label,
+                line=dict(color="#444" if label == "floor" else _COLORS[i],
+                          dash="dot" if label == "floor" else "solid"),
+                hovertemplate=label + "<br>M=%{x}<br>%{y:.4g}<extra></extra>"))
+    title = lambda lab: f"{what}: {lab} ({h['device']}, {h['date']})"
+    _dropdown(fig, groups, title_of=title)
+    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=500,
+                      xaxis_type="log", xaxis_title="M (tokens in the batch, log)",
+                      xaxis_tickvals=sorted({r["M"] for r in rows}),
+                      yaxis_type=None if ratio_to else "log",
+                      yaxis_title=("speed relative to the peer (its time / ours)" if ratio_to
+                                   else "time (ms, log)"))
+    if ratio_to:
+        fig.add_hline(y=1, line_dash="dot", line_color="#888")
+    return fig
+
+
+def roofline_figure(M: list[int], series: dict, title: str) -> go.Figure:
+    """series: label -> list of ms per M (e.g. the byte floor, the compute floor, a measured
+    kernel). Lines on log-log axes: where the byte and compute floors cross is the ridge."""
+    fig = go.Figure()
+    for i, (lab, ys) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=list(M), y=list(ys), mode="lines+markers", name=lab,
+                                 line=dict(color=_COLORS[i]),
+                                 hovertemplate=lab + "<br>M=%{x}<br>%{y:.4g} ms<extra></extra>"))
+    fig.update_layout(title=title, template="plotly_white", height=460, xaxis_type="log",
+                      xaxis_tickvals=list(M),
+                      legend=dict(x=0.99, xanchor="right", y=0.01, yanchor="bottom"),
+                      yaxis_type="log", xaxis_title="M (tokens in the batch, log)",
+                      yaxis_title="time (ms, log)")
+    return fig
