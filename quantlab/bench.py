@@ -111,6 +111,19 @@ def int4pack_peer(w_codes, scales, g):
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, wp, g, sz)
 
 
+def gemlite_peer(w_codes, scales, g):
+    """gemlite's A16W4 Triton kernels (GEMV / split-K GEMM / GEMM picked by M, its own tuned
+    configs): unsigned nibbles q = code + 8 with zero point 8, w = (q - 8) * scale. gemlite wants
+    scales in the activation dtype, so our fp16 scales are rounded to bf16 (rel_err shows it)."""
+    from gemlite.helper import A16Wn
+
+    q = (w_codes.to(torch.int16) + 8).to(torch.uint8)
+    s = scales.to(torch.bfloat16)
+    layer = A16Wn(device=str(w_codes.device), dtype=torch.bfloat16).from_weights(
+        q, s, torch.full_like(s, 8), W_nbits=4, group_size=g)
+    return lambda x: layer(x)
+
+
 def scaled_mm_peer(xq, xs, wq, ws, kind):
     """torch._scaled_mm with the same granularity; rows padded to 16 (cuBLAS needs it)."""
     M = xq.shape[0]
@@ -138,12 +151,12 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
     from quantlab.kernels import fp4_gemm, fp8_gemm, w4a16
     from quantlab.kernels.quantize import quantize_blocks, quantize_per_token
 
-    gemlite = None
     if "gemlite" in kernels:
         try:
             import gemlite  # noqa: F401
         except ImportError:
             print("gemlite not installed: skipped")
+            kernels = [k for k in kernels if k != "gemlite"]
     for model in models:
         for name, N, K in SHAPES[model]:
             if layers and name not in layers:
@@ -151,7 +164,7 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
             torch.manual_seed(0)
             W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             prep = {}
-            if "w4a16" in kernels or "int4pack" in kernels:
+            if {"w4a16", "int4pack", "gemlite"} & set(kernels):
                 q = quantize(W, "w4a16")
                 prep["w4"] = w4a16.from_quantized(q)
                 prep["w4_ref"] = w4a16.dequantize_int4(prep["w4"])
@@ -159,6 +172,8 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                 prep["w4a_ref"] = w4a16.dequantize_int4(prep["w4a"])
                 if "int4pack" in kernels:
                     prep["tiny"] = int4pack_peer(q.codes, q.scales, 128)
+                if "gemlite" in kernels:
+                    prep["gemlite"] = gemlite_peer(q.codes, q.scales, 128)
                 del q
             if "fp8" in kernels:
                 wq_t = quantize(W, "fp8_per_tensor")
@@ -187,6 +202,9 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                     r4 = F.linear(x, prep["w4_ref"])
                     sw.add("aten_int4pack", M, N, K, lambda: prep["tiny"](x), prep["w4"].nbytes + io,
                            ref=r4, **tag)
+                if "gemlite" in kernels:
+                    sw.add("gemlite_w4a16", M, N, K, lambda: prep["gemlite"](x),
+                           prep["w4"].nbytes + io, ref=F.linear(x, prep["w4_ref"]), **tag)
                 if "fp8" in kernels:
                     for kind, (wq, ws) in prep["fp8"].items():
                         if kind == "tensor":
@@ -244,7 +262,16 @@ def main(argv=None):
     ap.add_argument("--M", default=",".join(map(str, MS)))
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--out", default=None, help="JSON path (default data/bench/kernels-<device>.json)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="join runs of one device (e.g. --models 8b and --models 70b made in "
+                         "separate sessions) into --out; no GPU needed")
     a = ap.parse_args(argv)
+    if a.merge:
+        if not a.out:
+            raise SystemExit("--merge needs --out")
+        Path(a.out).write_text(json.dumps(merge_runs([json.loads(Path(p).read_text())
+                                                      for p in a.merge]), indent=1) + "\n")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("quantlab.bench needs a CUDA GPU; the kernels' correctness tests run on "
                          "the CPU (pytest tests/test_kernels_*.py)")
@@ -278,6 +305,26 @@ def main(argv=None):
     summarize(sw.rows)
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """Runs ({header, rows}) of one device and software -> one {header, rows}: the first header,
+    every run's header under header["runs"]; each row keeps the floor_ms of its own run's
+    bandwidth and says which run it came from ("run": index). A later run's row replaces an
+    earlier one of the same kernel, shape and layer (a rerun after a fix)."""
+    keys = ("device", "torch", "triton")
+    first = runs[0]["header"]
+    for r in runs[1:]:
+        if any(r["header"][k] != first[k] for k in keys):
+            raise ValueError(f"runs differ in {keys}: {first} vs {r['header']}")
+    header = {**first, "runs": [r["header"] for r in runs]}
+    rows = {}
+    for i, r in enumerate(runs):
+        for row in r["rows"]:
+            key = tuple(row.get(k) for k in ("kernel", "M", "N", "K", "model", "layer"))
+            rows.pop(key, None)  # the replacement goes last, in its own run's order
+            rows[key] = {**row, "run": i}
+    return {"header": header, "rows": list(rows.values())}
+
+
 def summarize(rows):
     """Short table: ours / peer time ratios and floor fractions per (shape, M)."""
     by = {}
@@ -287,9 +334,9 @@ def summarize(rows):
                 r["kernel"]] = r
     pairs = [("ours_w4a16", "cublas_bf16"), ("ours_w4a16", "aten_int4pack"),
              ("ours_fp8_row", "scaled_mm_row"), ("ours_fp8_block", "scaled_mm_block"),
-             ("ours_fp8_tensor", "scaled_mm_tensor")]
+             ("ours_fp8_tensor", "scaled_mm_tensor"), ("ours_w4a16", "gemlite_w4a16")]
     print("\nmodel layer      M   w4a16_ms  floor%  x_vs_bf16  x_vs_int4pack  fp8row/peer  "
-          "fp8blk/peer  fp8t/peer  mxfp4_ms nvfp4_ms")
+          "fp8blk/peer  fp8t/peer  x_vs_gemlite  mxfp4_ms nvfp4_ms")
     for (model, layer, M, N, K), d in sorted(by.items()):
         if "ours_w4a16" not in d and "quant" not in layer:
             continue
@@ -298,7 +345,7 @@ def summarize(rows):
         w = d.get("ours_w4a16", {})
         print(f"{model:5} {layer:8} {M:5}  {w.get('ms', float('nan')):8.4f}  "
               f"{100 * w.get('floor_frac', math.nan):5.1f}  {sp(*pairs[0]):>9}  {sp(*pairs[1]):>13}"
-              f"  {sp(*pairs[2]):>11}  {sp(*pairs[3]):>11}  {sp(*pairs[4]):>9}  "
+              f"  {sp(*pairs[2]):>11}  {sp(*pairs[3]):>11}  {sp(*pairs[4]):>9}  {sp(*pairs[5]):>12}  "
               f"{d.get('ours_mxfp4', {}).get('ms', math.nan):8.4f} "
               f"{d.get('ours_nvfp4', {}).get('ms', math.nan):8.4f}")
     for r in rows:

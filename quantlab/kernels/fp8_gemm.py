@@ -158,9 +158,11 @@ def _candidates(M: int, N: int, K: int, kind: str) -> list[tuple]:
     tma = K % 16 == 0
     if kind == "block":
         c = [(128, 128, 128, 8, 3, tma), (64, 128, 128, 4, 4, tma), (128, 128, 128, 4, 3, tma)]
+        if M >= 256:  # wider tiles: fewer CUDA-core rescales per tensor-core FLOP
+            c += [(128, 256, 128, 8, 3, tma), (128, 128, 128, 8, 4, tma), (256, 128, 128, 8, 3, tma)]
     elif M >= 256:
         c = [(128, 256, 128, 8, 3, tma), (128, 128, 128, 8, 4, tma), (128, 256, 64, 8, 4, tma),
-             (128, 128, 128, 4, 4, tma)]
+             (128, 128, 128, 4, 4, tma), (256, 128, 128, 8, 3, tma), (128, 256, 128, 8, 4, tma)]
     else:
         c = [(64, 128, 128, 4, 4, tma), (64, 64, 128, 4, 5, tma), (128, 128, 128, 8, 3, tma)]
     if M <= 32:

@@ -3,9 +3,10 @@ scale, OCP FLOOR rule) and NVFP4 blocks of 16 (E4M3 scale, fp32 global).
 
 Each returns the same QuantizedTensor, bit for bit, as the plain-torch reference
 `quantlab.quantize.quantize(x, scheme)` for the scheme named beside it (`REFERENCE`). Rounding is
-done with integer bit arithmetic and correctly rounded division (tl.div_rn), never with
-float -> fp8 casts: those casts round wrongly in the Triton interpreter, and doing it by hand
-gives one answer on every backend.
+done with integer bit arithmetic and correctly rounded division (tl.div_rn). The one exception:
+on the GPU, E4M3 elements go through the hardware conversion (cvt.rn.satfinite: round to nearest
+even, saturating, what torch's cast does); the interpreter's float -> fp8 cast rounds wrongly, so
+there the same kernels encode with integer arithmetic. The tests check both, each where it runs.
 
 Non-finite input: the reference raises ValueError. The kernels do not scan for NaN/inf (it would
 cost a pass over x); a row or block holding one gets unspecified codes and a non-finite or
@@ -19,7 +20,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quantlab.kernels._runtime import check_contiguous, check_device, check_dtype, interpreted
+from quantlab.kernels._runtime import (
+    check_contiguous,
+    check_device,
+    check_dtype,
+    interpreted,
+    pick_config,
+)
 from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor
 from quantlab.schemes import get_scheme
 
@@ -65,6 +72,18 @@ def _encode_float(v, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexp
 
 
 @triton.jit
+def _encode_e4m3(v, HW_CAST: tl.constexpr):
+    """v: float32 -> E4M3 bit patterns (uint8), RNE, saturating at 448, NaN -> 0x7F. HW_CAST: the
+    GPU's own conversion (cvt.rn.satfinite, one instruction per two values; its exactness is
+    checked by the same tests on the GPU); else the integer arithmetic the interpreter needs."""
+    if HW_CAST:
+        code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        code = _encode_float(v, 4, 3, 7, 448.0, 0x7F).to(tl.uint8)
+    return code
+
+
+@triton.jit
 def _floor_log2(a):
     """a: float32 > 0 -> int32 floor(log2 a), exact for fp32 subnormals too (no FTZ hazard)."""
     b = a.to(tl.int32, bitcast=True)
@@ -88,31 +107,55 @@ def _per_token_kernel(
     x_ptr,            # (R, K) input rows, fp32/fp16/bf16, row stride stride_x
     q_ptr,            # (R, K) codes: uint8 (fp8) or int8
     s_ptr,            # (R,) float32 scales
-    K, stride_x,
-    FP8: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BITS: tl.constexpr,
+    R, K, stride_x,
+    FP8: tl.constexpr, BF16_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,        # rows per program
+    BLOCK_K: tl.constexpr,        # columns per load
+    ONE_PASS: tl.constexpr,       # BLOCK_K >= K: the tile stays in registers between the amax
+                                  # and the encode, so x is read once
+    HW_CAST: tl.constexpr,        # E4M3 through the GPU's conversion (see _encode_e4m3)
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < R
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _to_f32(tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0),
-                    BF16_BITS)
-        amax = tl.maximum(amax, tl.abs(x))
-    amax_r = tl.max(amax, axis=0)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    q_rows = q_ptr + rows[:, None] * K
+    if ONE_PASS:
+        mask = r_ok[:, None] & (offs < K)[None, :]
+        x = _to_f32(tl.load(x_rows + offs[None, :], mask=mask, other=0), BF16_BITS)
+        amax_r = tl.max(tl.abs(x), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = r_ok[:, None] & (k0 + offs < K)[None, :]
+            x = _to_f32(tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0), BF16_BITS)
+            amax = tl.maximum(amax, tl.abs(x))
+        amax_r = tl.max(amax, axis=1)
     s = tl.div_rn(amax_r, 448.0 if FP8 else 127.0)
-    tl.store(s_ptr + row, s)
-    safe = tl.where(s == 0, 1.0, s)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = _to_f32(tl.load(x_ptr + row * stride_x + k0 + offs, mask=mask, other=0), BF16_BITS)
-        v = tl.where(s == 0, 0.0, tl.div_rn(x, safe))
-        if FP8:
-            code = _encode_float(v, 4, 3, 7, 448.0, 0x7F).to(tl.uint8)
-        else:
-            a = tl.minimum(tl.abs(v), 128.0)
-            a = (a + 8388608.0) - 8388608.0                  # ties to even, like torch.round
-            code = tl.minimum(tl.where(v < 0, -a, a), 127.0).to(tl.int8)
-        tl.store(q_ptr + row * K + k0 + offs, code, mask=mask)
+    tl.store(s_ptr + rows, s, mask=r_ok)
+    safe = tl.where(s == 0, 1.0, s)[:, None]
+    zero = (s == 0)[:, None]
+    if ONE_PASS:
+        tl.store(q_rows + offs[None, :], _per_token_code(x, safe, zero, FP8, HW_CAST), mask=mask)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask = r_ok[:, None] & (k0 + offs < K)[None, :]
+            x = _to_f32(tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0), BF16_BITS)
+            code = _per_token_code(x, safe, zero, FP8, HW_CAST)
+            tl.store(q_rows + k0 + offs[None, :], code, mask=mask)
+
+
+@triton.jit
+def _per_token_code(x, safe, zero, FP8: tl.constexpr, HW_CAST: tl.constexpr):
+    """x / scale (correctly rounded, as the reference divides) -> e4m3 bits or int8."""
+    v = tl.where(zero, 0.0, tl.div_rn(x, safe))
+    if FP8:
+        code = _encode_e4m3(v, HW_CAST)
+    else:
+        a = tl.minimum(tl.abs(v), 128.0)
+        a = (a + 8388608.0) - 8388608.0                      # ties to even, like torch.round
+        code = tl.minimum(tl.where(v < 0, -a, a), 127.0).to(tl.int8)
+    return code
 
 
 @triton.jit
@@ -125,6 +168,7 @@ def _block_kernel(
     B: tl.constexpr, BLOCK_G: tl.constexpr, NVFP4: tl.constexpr,
     EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, MAXV: tl.constexpr,
     EMAX: tl.constexpr, NAN_CODE: tl.constexpr, BF16_BITS: tl.constexpr,
+    HW_CAST: tl.constexpr,        # E4M3 elements (MXFP8) through the GPU's conversion
 ):
     offs_g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
@@ -143,8 +187,11 @@ def _block_kernel(
         s = tl.where(e == -127, 0x00400000, (e + 127) << 23).to(tl.float32, bitcast=True)
         inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e, a normal float: exact
         v = x * inv[:, None]
-    code = _encode_float(v, EBITS, MBITS, BIAS, MAXV, NAN_CODE)
-    tl.store(q_ptr + ptrs, code.to(tl.uint8), mask=g_ok[:, None])
+    if HW_CAST and EBITS == 4:
+        code = _encode_e4m3(v, True)
+    else:
+        code = _encode_float(v, EBITS, MBITS, BIAS, MAXV, NAN_CODE).to(tl.uint8)
+    tl.store(q_ptr + ptrs, code, mask=g_ok[:, None])
     tl.store(s_ptr + offs_g, s, mask=g_ok)
 
 
@@ -168,6 +215,19 @@ def _tensor_scheme(kind: str):
     return getattr(get_scheme(preset), which)
 
 
+def _per_token_candidates(K: int) -> list[tuple]:
+    """(BLOCK_R, BLOCK_K, num_warps) worth timing: rows that fit in registers are read once
+    (BLOCK_K >= K, at most ~64 values per thread); longer rows loop over K twice."""
+    kp = triton.next_power_of_2(K)
+    if interpreted():  # small tiles; rows of up to 128 take the one-pass path, longer ones loop
+        return [(2, kp if kp <= 128 else 64, 4)]
+    if kp > 16384:
+        return [(1, 4096, 8), (2, 2048, 8), (4, 1024, 8)]
+    one = [(br, kp, w) for br, w in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 8), (4, 16), (8, 16))
+           if br * kp <= 64 * 32 * w]
+    return one + [(1, min(kp, 4096), 8)]
+
+
 def quantize_per_token(x: Tensor, fmt: str = "e4m3", check_finite: bool = False) -> QuantizedTensor:
     """x (..., K) float -> codes (..., K) (e4m3: uint8 bit patterns; int8: int8), scales (..., 1)
     float32 = amax(row) / format max. Matches quantize(x, fp8_dynamic / int8_w8a8 activations)."""
@@ -180,10 +240,17 @@ def quantize_per_token(x: Tensor, fmt: str = "e4m3", check_finite: bool = False)
     fp8 = fmt == "e4m3"
     q = torch.empty(x2.shape, dtype=torch.uint8 if fp8 else torch.int8, device=x.device)
     s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    block = min(triton.next_power_of_2(K), 64 if interpreted() else 4096)
-    _per_token_kernel[(x2.shape[0],)](_bits(x2), q, s, K, x2.stride(0), FP8=fp8, BLOCK_K=block,
-                                      BF16_BITS=x.dtype == torch.bfloat16,
-                                      num_warps=4 if block <= 1024 else 8)
+    R = x2.shape[0]
+
+    def run(cfg):
+        br, bk, warps = cfg
+        _per_token_kernel[(triton.cdiv(R, br),)](
+            _bits(x2), q, s, R, K, x2.stride(0), FP8=fp8, BF16_BITS=x.dtype == torch.bfloat16,
+            BLOCK_R=br, BLOCK_K=bk, ONE_PASS=bk >= K, HW_CAST=not interpreted(),
+            num_warps=warps)
+
+    key = ("quant_per_token", min(triton.next_power_of_2(R), 8192), K, fp8, x.dtype)
+    run(pick_config(key, _per_token_candidates(K), run))
     kind = "fp8_per_token" if fp8 else "int8_per_token"
     return QuantizedTensor(q.reshape(x.shape), s.reshape(*x.shape[:-1], 1), _tensor_scheme(kind),
                            x.shape, x.dtype)
@@ -220,10 +287,19 @@ def quantize_blocks(x: Tensor, kind: str, global_scale: Tensor | None = None,
     if kind == "nvfp4":
         glob = nvfp4_global_scale(x) if global_scale is None else torch.as_tensor(
             global_scale, dtype=torch.float32, device=x.device).reshape(())
-    block_g = 8 if interpreted() else 128
-    _block_kernel[(triton.cdiv(G, block_g),)](
-        _bits(x), q, s, glob if glob is not None else s, G, B=B, BLOCK_G=block_g, NVFP4=kind == "nvfp4",
-        EBITS=ebits, MBITS=mbits, BIAS=bias, MAXV=maxv, EMAX=emax, NAN_CODE=nan,
-        BF16_BITS=x.dtype == torch.bfloat16, num_warps=4)
+
+    def run(cfg):
+        block_g, warps = cfg
+        _block_kernel[(triton.cdiv(G, block_g),)](
+            _bits(x), q, s, glob if glob is not None else s, G, B=B, BLOCK_G=block_g,
+            NVFP4=kind == "nvfp4", EBITS=ebits, MBITS=mbits, BIAS=bias, MAXV=maxv, EMAX=emax,
+            NAN_CODE=nan, BF16_BITS=x.dtype == torch.bfloat16, HW_CAST=not interpreted(),
+            num_warps=warps)
+
+    # (BLOCK_G blocks per program, num_warps)
+    cands = ([(8, 4)] if interpreted() else
+             [(128, 4), (64, 4), (256, 4), (256, 8), (512, 8), (1024, 16)])
+    run(pick_config(("quant_blocks", kind, min(triton.next_power_of_2(G), 2**20), x.dtype),
+                    cands, run))
     return QuantizedTensor(q, s.reshape(*x.shape[:-1], K // B), _tensor_scheme(kind), x.shape,
                            x.dtype, global_scale=glob)
