@@ -24,7 +24,7 @@ from quantlab.algorithms import gptq_quantize
 from quantlab.eval.metrics import sqnr_db
 from quantlab.quantize import fake_quantize
 from quantlab.schemes import TensorScheme
-from quantlab.viz import _COLORS, _dropdown
+from quantlab.viz import COLORS, dropdown
 
 # The four distinct inputs of a Llama decoder layer: q/k/v share one, gate/up share one.
 LAYER_INPUTS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -114,10 +114,10 @@ def blind_spot_figure(shares: dict[str, dict[str, Tensor]], first: str | None = 
         for j, (key, name) in enumerate((("weight_share", "weight error"),
                                          ("output_share", "output error"))):
             fig.add_trace(go.Scatter(y=_round(s[key], 3), mode="lines", name=name,
-                                     line=dict(color=_COLORS[j], width=1.2),
+                                     line=dict(color=COLORS[j], width=1.2),
                                      hovertemplate=f"channel %{{x}}: %{{y:.2%}} of the {name}"
                                                    "<extra></extra>"), row=2, col=1)
-    _dropdown(fig, groups, title_of=lambda lab: f"RTN (w4a16) on {lab}: where the error lands")
+    dropdown(fig, groups, title_of=lambda lab: f"RTN (w4a16) on {lab}: where the error lands")
     fig.update_layout(template="plotly_white", height=560, bargap=0,
                       title=f"RTN (w4a16) on {next(iter(shares))}: where the error lands",
                       legend=dict(x=1.0, xanchor="right", y=0.42))
@@ -196,10 +196,10 @@ def trace_figure(traces: dict[str, dict]) -> go.Figure:
         for i, (c, y) in enumerate(curves.items()):
             fig.add_trace(go.Scatter(
                 x=tr["columns"], y=(100 * y).tolist(), mode="lines", name=c,
-                line=dict(color=_COLORS[i]), hovertemplate=c + "<br>%{x} columns quantized<br>"
+                line=dict(color=COLORS[i]), hovertemplate=c + "<br>%{x} columns quantized<br>"
                 "output error %{y:.3f}% of the output energy<extra></extra>"))
     title = lambda lab: f"Output error while quantizing {lab} column by column (w4a16)"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(traces))), template="plotly_white", height=480,
                       xaxis_title="columns quantized (in processing order)",
                       yaxis_title="output error (% of output energy, calibration inputs)")
@@ -232,7 +232,7 @@ def gain_figure(rows: list[dict]) -> go.Figure:
              for r in rows]  # "2.down_proj"
     for i, lab in enumerate(k for k in rows[0] if k != "layer"):
         fig.add_trace(go.Bar(x=short, y=[r[lab] for r in rows], name=lab,
-                             marker_color=_COLORS[i],
+                             marker_color=COLORS[i],
                              hovertemplate="%{x}<br>" + lab + ": %{y:+.2f} dB<extra></extra>"))
     fig.update_layout(title="GPTQ's output SQNR gain over RTN (w4a16), measured on three sets "
                             "of inputs", template="plotly_white", height=480, barmode="group",
@@ -274,11 +274,11 @@ def damping_figure(sweeps: dict[str, list[dict]]) -> go.Figure:
                 where = key.split(" gain")[0]
                 fig.add_trace(go.Scatter(
                     x=[r["tokens"] for r in sel], y=[r[key] for r in sel], mode="lines+markers",
-                    name=f"percdamp {pd:g}, {where}", line=dict(color=_COLORS[i], dash=dash),
+                    name=f"percdamp {pd:g}, {where}", line=dict(color=COLORS[i], dash=dash),
                     hovertemplate=f"percdamp {pd:g}<br>%{{x}} calibration tokens<br>{where}: "
                                   "%{y:+.2f} dB over RTN<extra></extra>"))
     title = lambda lab: f"GPTQ's gain over RTN on {lab}: calibration vs held-out inputs"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(sweeps))), template="plotly_white", height=500,
                       xaxis_type="log", xaxis_title="calibration tokens (log)",
                       xaxis_tickvals=sorted({r["tokens"] for rows in sweeps.values()
@@ -349,17 +349,17 @@ def alpha_figure(curves: dict[str, dict[str, dict[str, Tensor]]], first: str | N
                 groups[lab].append(len(fig.data))
                 fig.add_trace(go.Scatter(
                     x=a, y=y, mode="lines", name=f"{sch}, {where}",
-                    line=dict(color=_COLORS[i], dash=dash),
+                    line=dict(color=COLORS[i], dash=dash),
                     hovertemplate=f"{sch}, {where}<br>alpha %{{x:.1f}}: %{{y:.3f}} x RTN's "
                                   "output error<extra></extra>"))
             best = int(c["calibration"].argmin())
             groups[lab].append(len(fig.data))
             fig.add_trace(go.Scatter(
                 x=[a[best]], y=[float(c["held out"][best] / c["held out"][0])], mode="markers",
-                marker=dict(symbol="star", size=14, color=_COLORS[i]), showlegend=False,
+                marker=dict(symbol="star", size=14, color=COLORS[i]), showlegend=False,
                 hovertemplate=f"{sch}: AWQ picks alpha %{{x:.1f}}<extra></extra>"))
     title = lambda lab: f"AWQ's scale exponent on {lab}: output error relative to RTN"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(curves))), template="plotly_white", height=500,
                       xaxis_title="alpha (s = mean|x|^alpha)",
                       yaxis_title="output error / RTN's output error")
@@ -454,12 +454,12 @@ def model_figure(rows: list[dict]) -> go.Figure:
             sel = [r for r in rows if r["algorithm"] == a]
             groups[key].append(len(fig.data))
             fig.add_trace(go.Bar(x=[r["scheme"] for r in sel], y=[r[key] for r in sel], name=a,
-                                 marker_color=_COLORS[i], text=[format(r[key], fmt) for r in sel],
+                                 marker_color=COLORS[i], text=[format(r[key], fmt) for r in sel],
                                  textposition="outside",
                                  hovertemplate=f"{a}<br>%{{x}}<br>{key} %{{y:{fmt}}}"
                                                "<extra></extra>"))
     title = lambda key: f"stdlib-llama, RTN against GPTQ and AWQ: {key} on held-out text"
-    _dropdown(fig, groups, title_of=title,
+    dropdown(fig, groups, title_of=title,
               extra={k: {"yaxis.title.text": t} for k, t in
                      (("KL", "next-token KL from the float model (nats/token)"),
                       ("perplexity increase", "perplexity - float model's"))})

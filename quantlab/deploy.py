@@ -605,16 +605,16 @@ def checkpoint_sizes(path: str | Path) -> dict[str, int]:
 
 
 def _colors():
-    from quantlab.viz import _COLORS
+    from quantlab.viz import COLORS
 
-    return _COLORS
+    return COLORS
 
 
 def memory_figure(scenarios: dict, gpus=None) -> go.Figure:
     """scenarios: label -> (model, context_len, batch, kv_dtype). Stacked bars per format:
     quantized weights, bf16 weights, KV cache; a dropdown picks the scenario; dotted lines mark
     each GPU's budget (0.9 x memory)."""
-    from quantlab.viz import _dropdown
+    from quantlab.viz import dropdown
 
     fig, groups, c = go.Figure(), {}, _colors()
     for lab, (model, ctx, batch, kvd) in scenarios.items():
@@ -634,7 +634,7 @@ def memory_figure(scenarios: dict, gpus=None) -> go.Figure:
     for b, names in budgets.items():
         fig.add_hline(y=b, line_dash="dot", line_color="#666", annotation_position="top left",
                       annotation_text=f"{' / '.join(names)}: 0.9 x memory = {b:g} GB")
-    _dropdown(fig, groups, title_of=lambda lab: f"GPU memory: {lab}")
+    dropdown(fig, groups, title_of=lambda lab: f"GPU memory: {lab}")
     fig.update_layout(title=f"GPU memory: {next(iter(scenarios))}", barmode="stack",
                       template="plotly_white", height=520, yaxis_title="GB",
                       xaxis_title="weight format")
@@ -648,7 +648,7 @@ def get_gpus(gpus=None) -> list[GPU]:
 def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
     """Max tokens per sequence at `batch` (log y) per format, one line per GPU; a dropdown picks
     (model, KV dtype). 0 (the weights alone do not fit) is drawn at the bottom."""
-    from quantlab.viz import _dropdown
+    from quantlab.viz import dropdown
 
     fig, groups, c = go.Figure(), {}, _colors()
     for model in models:
@@ -664,7 +664,7 @@ def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
                     line_dash=("solid", "dot")[i % 2],  # A100 and H100 share a line
                     hovertemplate=g.name + ": %{customdata:,} tokens<extra></extra>"))
     title = lambda lab: f"Longest context per sequence at batch {batch}: {lab}"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=500,
                       yaxis_type="log", yaxis_title="tokens per sequence (log; 1 = no room)",
                       xaxis_title="weight format")
@@ -708,7 +708,7 @@ def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Fig
     """Heatmap of the recommended weight format per GPU (rows) and context (columns), the KV
     dtype in the cell text; a dropdown picks (model, accuracy budget). grids: {(model, budget):
     recommendation_grid rows} already computed (else computed here)."""
-    from quantlab.viz import _dropdown
+    from quantlab.viz import dropdown
 
     code = {f: i for i, f in enumerate(("none",) + FORMATS)}
     fig, groups = go.Figure(), {}
@@ -727,7 +727,7 @@ def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Fig
                 texttemplate="%{text}", zmin=0, zmax=len(code) - 1, showscale=False,
                 colorscale="Viridis", hovertemplate="%{y}, %{x}: %{text}<extra></extra>"))
     title = lambda lab: f"What to ship at batch {batch}: {lab}"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=480,
                       xaxis_title="context length (tokens per sequence)",
                       yaxis_autorange="reversed")
@@ -737,7 +737,7 @@ def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Fig
 def kv_scale_figure(sweeps: dict) -> go.Figure:
     """sweeps: role -> kv_scale_sweep(...). SQNR against the tensor's amax (log x); a dropdown
     picks keys or values. Shaded: where the real tensors of stdlib-llama sit (factor 1)."""
-    from quantlab.viz import _dropdown
+    from quantlab.viz import dropdown
 
     fig, groups, c = go.Figure(), {}, _colors()
     for role, s in sweeps.items():
@@ -753,7 +753,7 @@ def kv_scale_figure(sweeps: dict) -> go.Figure:
         fig.add_annotation(x=math.log10(v), y=1, yref="paper", text=t, showarrow=False,
                            yanchor="bottom")  # annotations on a log axis take log10(x)
     title = lambda lab: f"FP8 {lab} of stdlib-llama layer 1, rescaled: SQNR against amax"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=480,
                       xaxis_type="log", xaxis_title="amax of the tensor (log)",
                       yaxis_title="SQNR (dB)")

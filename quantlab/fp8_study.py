@@ -26,7 +26,7 @@ from quantlab.formats import get_format
 from quantlab.nn import quantize_model
 from quantlab.quantize import dequantize, quantize
 from quantlab.schemes import Scheme, TensorScheme, get_scheme
-from quantlab.viz import _COLORS, _dropdown
+from quantlab.viz import COLORS, dropdown
 
 # The four distinct inputs of a Llama decoder layer: q/k/v share one, gate/up share one.
 INPUTS = {"attention in": "self_attn.q_proj", "o_proj in": "self_attn.o_proj",
@@ -374,15 +374,15 @@ def token_amax_figure(token_amax: dict[str, Tensor], calibrated: dict[str, float
         cal = calibrated[lab]
         over = (a > cal).nonzero().flatten()
         fig.add_trace(go.Scatter(y=_r(a), mode="lines", name="token amax", line=dict(
-            color=_COLORS[0], width=1), hovertemplate="token %{x}: %{y:.3f}<extra></extra>"))
+            color=COLORS[0], width=1), hovertemplate="token %{x}: %{y:.3f}<extra></extra>"))
         fig.add_trace(go.Scatter(x=[0, len(a) - 1], y=[cal, cal], mode="lines",
                                  name="calibrated amax (maps to 448)",
-                                 line=dict(color=_COLORS[1], dash="dash")))
+                                 line=dict(color=COLORS[1], dash="dash")))
         fig.add_trace(go.Scatter(x=over.tolist(), y=_r(a[over]), mode="markers",
-                                 name="saturates", marker=dict(color=_COLORS[1], size=7),
+                                 name="saturates", marker=dict(color=COLORS[1], size=7),
                                  hovertemplate="token %{x}: %{y:.3f}<extra></extra>"))
     title = lambda lab: f"Held-out tokens against the calibrated scale: {lab}"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=460,
                       xaxis_title="held-out token", yaxis_title="largest |x| in the token",
                       yaxis_rangemode="tozero",
@@ -405,7 +405,7 @@ def static_scale_slider(x: Tensor, scale: float, exponents: list[int], fmt: str 
         v = (lx - math.log2(scale) - e).clamp(lo, hi - 1e-9)
         counts = torch.histc(v, bins=len(centers), min=lo, max=hi)
         fig.add_trace(go.Bar(x=centers, y=counts.tolist(), width=step, visible=i == 0,
-                             marker_color=_COLORS[0], showlegend=False,
+                             marker_color=COLORS[0], showlegend=False,
                              hovertemplate="log2 |x|/s = %{x}: %{y} values<extra></extra>"))
         reg = code_regions(x, scale * 2.0**e, fmt)
         sq = static_sweep(x, scale, [2.0**e], fmt)[0]
@@ -443,11 +443,11 @@ def sweep_figure(multipliers: list[float], curves: dict[str, list[float]],
     x = [math.log2(m) for m in multipliers]
     for i, (lab, ys) in enumerate(curves.items()):
         fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=lab,
-                                 line=dict(color=_COLORS[i % 10]),
+                                 line=dict(color=COLORS[i % 10]),
                                  hovertemplate=lab + "<br>x 2^%{x}: %{y:.2f} dB<extra></extra>"))
     for i, (lab, y) in enumerate((reference or {}).items()):
         fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[y, y], mode="lines", name=lab,
-                                 line=dict(color=_COLORS[i % 10], dash="dot")))
+                                 line=dict(color=COLORS[i % 10], dash="dot")))
     fig.add_vline(x=0, line_dash="dot", line_color="#888", annotation_text=at_zero)
     fig.update_layout(title=title, template="plotly_white", height=460,
                       xaxis_title=xaxis_title, yaxis_title="SQNR (dB)")
@@ -470,10 +470,10 @@ def layer_sqnr_figure(rows: list[dict], metric: str = "output_sqnr_db") -> go.Fi
             groups[f"layer {block}"].append(len(fig.data))
             fig.add_trace(go.Bar(x=[n.split(".", 3)[3] for n in names],
                                  y=[at[n, s] for n in names], name=s,
-                                 marker_color=_COLORS[i % 10], showlegend=block == "0",
+                                 marker_color=COLORS[i % 10], showlegend=block == "0",
                                  hovertemplate=s + "<br>%{x}: %{y:.2f} dB<extra></extra>"))
     lows = min(at.values())
-    _dropdown(fig, groups, title_of=lambda lab: f"FP8 layer output SQNR, decoder {lab}")
+    dropdown(fig, groups, title_of=lambda lab: f"FP8 layer output SQNR, decoder {lab}")
     fig.update_layout(title=f"FP8 layer output SQNR, decoder {next(iter(groups))}",
                       template="plotly_white", height=480, barmode="group",
                       yaxis_range=[math.floor(lows) - 1, math.ceil(max(at.values())) + 1],
@@ -496,7 +496,7 @@ def format_window_figure(tensors: dict[str, Tensor], formats: tuple[str, ...] = 
         counts = torch.histc(v, bins=int(-lo / step), min=lo, max=0)
         groups[lab] = [i]
         fig.add_trace(go.Bar(x=_r(torch.arange(lo, 0, step) + step / 2), y=counts.tolist(),
-                             width=step, marker_color=_COLORS[0], showlegend=False, name=lab,
+                             width=step, marker_color=COLORS[0], showlegend=False, name=lab,
                              hovertemplate="log2 |t|/amax = %{x}: %{y}<extra></extra>"),
                       row=1, col=1)
     n = len(fig.data)
@@ -507,13 +507,13 @@ def format_window_figure(tensors: dict[str, Tensor], formats: tuple[str, ...] = 
         for base, width, op, what in ((normal, -normal, 0.9, "normal"),
                                       (sub, normal - sub, 0.35, "subnormal")):
             fig.add_trace(go.Bar(y=[name], x=[width], base=[base], orientation="h",
-                                 marker_color=_COLORS[j + 1], opacity=op, showlegend=False,
+                                 marker_color=COLORS[j + 1], opacity=op, showlegend=False,
                                  hovertemplate=f"{name} {what}: 2^{base:.1f} .. "
                                                f"2^{base + width:.1f} x amax<extra></extra>"),
                           row=2, col=1)
     groups = {lab: idx + list(range(n, len(fig.data))) for lab, idx in groups.items()}
     title = lambda lab: f"{lab}: magnitudes relative to amax, and what each format keeps"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=520,
                       bargap=0)
     fig.update_yaxes(title_text="values (log)", type="log", row=1, col=1)
@@ -531,13 +531,13 @@ def model_metrics_figure(rows: list[dict], baseline_ppl: float) -> go.Figure:
     for i, (lab, ys) in enumerate(metrics.items()):
         groups[lab] = [i]
         fig.add_trace(go.Bar(x=[r["config"] for r in rows], y=ys, name=lab,
-                             marker_color=_COLORS[i], text=[f"{y:.3g}" for y in ys],
+                             marker_color=COLORS[i], text=[f"{y:.3g}" for y in ys],
                              textposition="outside",
                              hovertemplate="%{x}<br>%{y:.4g}<extra></extra>"))
     title = lambda lab: f"stdlib-llama with FP8 layers: {lab} against the float model"
     log = all(y > 0 for ys in metrics.values() for y in ys)  # one bad config dwarfs the rest
     axis = lambda lab: lab + (" (log)" if log else "")
-    _dropdown(fig, groups, title_of=title,
+    dropdown(fig, groups, title_of=title,
               extra={lab: {"yaxis.title.text": axis(lab)} for lab in metrics})
     fig.update_layout(title=title("perplexity increase"), template="plotly_white", height=480,
                       yaxis_title=axis("perplexity increase"), yaxis_type="log" if log else None,
@@ -558,7 +558,7 @@ def fp8_kernel_figure(bench: dict) -> go.Figure:
     fig = kernel_shapes_figure(bench, kernels, what="FP8 GEMM time")
     for tr in fig.data:
         g = next(i for i, lab in enumerate(grans.values()) if tr.name.endswith(lab))
-        tr.line.color = _COLORS[g]
+        tr.line.color = COLORS[g]
         tr.line.dash = "dash" if tr.name.startswith("_scaled_mm") else "solid"
-        tr.marker.color = _COLORS[g]
+        tr.marker.color = COLORS[g]
     return fig

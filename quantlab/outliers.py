@@ -32,7 +32,7 @@ from quantlab.eval.metrics import sqnr_db
 from quantlab.nn import quantize_model
 from quantlab.quantize import fake_quantize, quantize
 from quantlab.schemes import Scheme, TensorScheme, get_scheme
-from quantlab.viz import _COLORS, _dropdown
+from quantlab.viz import COLORS, dropdown
 
 PER_TOKEN_INT8 = TensorScheme("int8", "token")  # W8A8's activations: one scale per row of x
 PER_CHANNEL_INT8 = TensorScheme("int8", "channel")  # W8A8's weights: one scale per row of W
@@ -391,7 +391,7 @@ def causal_lm_w8a8_kl(ref: nn.Module, model: nn.Module, calib: Tensor, windows: 
 def _menu(fig: go.Figure, groups: dict, titles: dict, extra: dict | None = None) -> None:
     """viz's dropdown (groups: label -> indices of the traces it shows; titles: label -> figure
     title; extra: label -> more layout), with the first label's title and layout applied."""
-    _dropdown(fig, groups, title_of=titles.get, extra=extra)
+    dropdown(fig, groups, title_of=titles.get, extra=extra)
     first = next(iter(groups))
     fig.update_layout({"title.text": titles[first]} | (extra or {}).get(first, {}))
 
@@ -445,7 +445,7 @@ def token_codes_figure(codes: dict[str, Tensor]) -> go.Figure:
     One bar chart per label, picked with a dropdown; the y axis spans int8's range."""
     fig, groups, titles = go.Figure(), {}, {}
     for i, (label, c) in enumerate(codes.items()):
-        fig.add_trace(go.Bar(y=c.tolist(), marker_color=_COLORS[i % len(_COLORS)],
+        fig.add_trace(go.Bar(y=c.tolist(), marker_color=COLORS[i % len(COLORS)],
                              hovertemplate="channel %{x}: code %{y}<extra></extra>"))
         groups[label] = [i]
         mags = c.abs().sort(descending=True).values
@@ -471,9 +471,9 @@ def alpha_slider_figure(rows: list[dict], top: int = 3) -> go.Figure:
         for row, key in ((1, "x_amax"), (2, "w_amax")):
             a = r[key] / r[key].median()
             lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
-            base = _COLORS[0] if row == 1 else _COLORS[2]
+            base = COLORS[0] if row == 1 else COLORS[2]
             fig.add_trace(go.Bar(y=a.tolist(), visible=k == 0, showlegend=False,
-                                 marker_color=[_COLORS[1] if j in hot else base
+                                 marker_color=[COLORS[1] if j in hot else base
                                                for j in range(len(a))],
                                  hovertemplate="channel %{x}: %{y:.2f} x median<extra></extra>"),
                           row=row, col=1)
@@ -509,11 +509,11 @@ def alpha_sqnr_figure(sweeps: dict[str, list[dict]]) -> go.Figure:
             groups[label] += [len(fig.data), len(fig.data) + 1]
             fig.add_trace(go.Scatter(x=[r["alpha"] for r in rest], y=[r[key] for r in rest],
                                      mode="lines+markers", name=key.split()[0],
-                                     line=dict(color=_COLORS[i]),
+                                     line=dict(color=COLORS[i]),
                                      hovertemplate="alpha %{x}: %{y:.1f} dB<extra></extra>"))
             fig.add_trace(go.Scatter(x=[0, 1], y=[base[key]] * 2, mode="lines",
                                      name=key.split()[0] + ", no smoothing", showlegend=False,
-                                     line=dict(color=_COLORS[i], dash="dot"),
+                                     line=dict(color=COLORS[i], dash="dot"),
                                      hovertemplate="no smoothing: %{y:.1f} dB<extra></extra>"))
     _menu(fig, groups, {lab: f"W8A8 SQNR against SmoothQuant's alpha: {lab}" for lab in groups})
     fig.update_layout(template="plotly_white", height=460, xaxis_title="alpha (migration "
@@ -536,7 +536,7 @@ def rotation_histogram_figure(pairs: dict[str, tuple[Tensor, Tensor]], bins: int
             groups[label].append(len(fig.data))
             fig.add_trace(go.Bar(x=((edges[1:] + edges[:-1]) / 2).tolist(), y=counts.tolist(),
                                  name=f"{what} rotation (kurtosis {kurtosis(t):.1f})",
-                                 marker_color=_COLORS[i], opacity=0.6, width=2 * lim / bins,
+                                 marker_color=COLORS[i], opacity=0.6, width=2 * lim / bins,
                                  hovertemplate="%{x:.2f} x RMS: %{y}<extra></extra>"))
     _menu(fig, groups, {lab: f"Values / RMS before and after a Hadamard rotation: {lab}"
                         for lab in groups})
@@ -558,7 +558,7 @@ def end_to_end_figure(results: dict[str, dict[str, float]], axis: dict[str, str]
         groups[case] = [k]
         fig.add_trace(go.Bar(x=list(errs), y=list(errs.values()),
                              text=[f"{v:.2g}" for v in errs.values()], textposition="outside",
-                             marker_color=[_COLORS[family(m)] for m in errs],
+                             marker_color=[COLORS[family(m)] for m in errs],
                              hovertemplate="%{x}: %{y:.3g}<extra></extra>"))
     fig.update_layout(template="plotly_white", height=440, showlegend=False)
     _menu(fig, groups, {c: f"W8A8 end to end: {c}" for c in results},

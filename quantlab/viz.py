@@ -62,8 +62,8 @@ def html_report(path: str, title: str, table_text: str, figures: list[go.Figure]
 # static book with no kernel.
 # ---------------------------------------------------------------------------------------------
 
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+          "#7f7f7f", "#bcbd22", "#17becf")
 
 
 class _BookRenderer(MimetypeRenderer):
@@ -119,7 +119,7 @@ def value_grid_figure(names: list[str]) -> go.Figure:
             x = (v / v.max()) if scaled else v
             fig.add_trace(go.Scatter(
                 x=x.tolist(), y=[name] * len(v), mode="markers", visible=not scaled,
-                marker=dict(symbol="line-ns-open", size=14, color=_COLORS[i % 10]),
+                marker=dict(symbol="line-ns-open", size=14, color=COLORS[i % 10]),
                 name=name, showlegend=False, customdata=v.tolist(),
                 hovertemplate=name + ": %{customdata:.6g}<br>x = %{x:.6g}<extra></extra>"))
     n = len(names)
@@ -145,7 +145,7 @@ def relative_step_figure(names: list[str]) -> go.Figure:
         rel = (v[1:] - v[:-1]) / v[:-1]
         fig.add_trace(go.Scatter(
             x=(v[:-1] / v.max()).tolist(), y=rel.tolist(), mode="lines+markers", name=name,
-            line=dict(shape="hv", color=_COLORS[i % 10]), marker=dict(size=4),
+            line=dict(shape="hv", color=COLORS[i % 10]), marker=dict(size=4),
             hovertemplate=name + ": step/value %{y:.4g} at value/max %{x:.4g}<extra></extra>"))
     fig.update_layout(title="Relative step (gap to the next value / value)",
                       template="plotly_white", height=460, xaxis_type="log", yaxis_type="log",
@@ -269,7 +269,7 @@ def error_histogram_slider(w: torch.Tensor, rows: list[dict], bins: int = 121,
         counts = torch.histc(e, bins=bins, min=-lim, max=lim)
         lims.append(lim * 1.05)
         fig.add_trace(go.Bar(x=((edges[1:] + edges[:-1]) / 2).tolist(), y=counts.tolist(),
-                             visible=i == 0, name=r["scheme"], marker_color=_COLORS[i % 10],
+                             visible=i == 0, name=r["scheme"], marker_color=COLORS[i % 10],
                              width=2 * lim / bins,
                              hovertemplate="error %{x:.3g} x max|w|: %{y} weights<extra></extra>"))
     label = lambda r: f"{title}: {r['scheme']}, {r['bits_per_weight']:.3f} bits/weight, " \
@@ -305,7 +305,7 @@ def sqnr_vs_bits_figure(rows: list[dict], title: str = "SQNR against bits per we
             x=[r["bits_per_weight"] for r in sel], y=[r["sqnr_db"] for r in sel],
             mode="markers+text", text=[r["scheme"] for r in sel],
             textposition=[where[j] for j in idx],
-            name=fam or "schemes", marker=dict(size=10, color=_COLORS[i % 10]),
+            name=fam or "schemes", marker=dict(size=10, color=COLORS[i % 10]),
             textfont=dict(size=10),
             hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>SQNR %{y:.2f} dB<extra></extra>"))
     fig.update_layout(title=title, template="plotly_white", height=520,
@@ -329,7 +329,7 @@ def granularity_figure(rows: list[dict]) -> go.Figure:
         sel = [r for r in rows if r["format"] == fmt]
         fig.add_trace(go.Bar(
             x=[r["granularity"] for r in sel], y=[r["sqnr_db"] for r in sel], name=fmt,
-            marker_color=_COLORS[i % 10], customdata=[r["bits_per_weight"] for r in sel],
+            marker_color=COLORS[i % 10], customdata=[r["bits_per_weight"] for r in sel],
             text=[f"{r['bits_per_weight']:.3f} b" for r in sel], textposition="outside",
             hovertemplate="%{x}<br>SQNR %{y:.2f} dB<br>%{customdata:.4f} bits/weight"
                           "<extra></extra>"))
@@ -355,7 +355,7 @@ def levels_figure(w_over_amax: torch.Tensor, levels: dict, bins: int = 101) -> g
                   row=1, col=1)
     for i, (label, lv) in enumerate(levels.items()):
         fig.add_trace(go.Scatter(x=lv.tolist(), y=[label] * len(lv), mode="markers",
-                                 marker=dict(symbol="line-ns-open", size=16, color=_COLORS[i]),
+                                 marker=dict(symbol="line-ns-open", size=16, color=COLORS[i]),
                                  name=label, showlegend=False,
                                  hovertemplate=label + ": %{x:.4f}<extra></extra>"),
                       row=2, col=1)
@@ -374,7 +374,7 @@ def mx_rule_figure(mantissa: torch.Tensor, sqnr_floor: torch.Tensor, sqnr_rceil:
     fig = go.Figure()
     for i, (lab, y) in enumerate((("FLOOR (OCP spec)", sqnr_floor), ("RCEIL", sqnr_rceil))):
         fig.add_trace(go.Scattergl(x=mantissa.tolist(), y=y.tolist(), mode="markers", name=lab,
-                                   marker=dict(size=4, opacity=0.5, color=_COLORS[i]),
+                                   marker=dict(size=4, opacity=0.5, color=COLORS[i]),
                                    hovertemplate=lab + "<br>amax mantissa %{x:.3f}<br>block "
                                    "SQNR %{y:.1f} dB<extra></extra>"))
     fig.add_vrect(x0=1.5, x1=2.0, fillcolor="#d62728", opacity=0.08, line_width=0,
@@ -393,7 +393,7 @@ def block_values_figure(block: torch.Tensor, versions: dict) -> go.Figure:
                                                             symbol="circle-open")))
     for i, (lab, v) in enumerate(versions.items()):
         fig.add_trace(go.Scatter(x=list(range(len(v))), y=v.tolist(), mode="markers", name=lab,
-                                 marker=dict(size=7, color=_COLORS[i])))
+                                 marker=dict(size=7, color=COLORS[i])))
     fig.update_layout(title="One MXFP4 block: original and dequantized values",
                       template="plotly_white", height=420, xaxis_title="index in the block",
                       yaxis_title="weight")
@@ -405,7 +405,7 @@ def block_values_figure(block: torch.Tensor, versions: dict) -> go.Figure:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dropdown(fig: go.Figure, groups: dict, title_of=None, extra: dict | None = None) -> None:
+def dropdown(fig: go.Figure, groups: dict, title_of=None, extra: dict | None = None) -> None:
     """groups: button label -> indices of the traces it shows (the others hidden); the first
     group is shown initially. title_of: label -> figure title for that button (optional);
     extra: label -> more layout updates for that button. The menu sits above the plot, left,
@@ -432,7 +432,7 @@ def kv_channel_figure(amax: dict) -> go.Figure:
     layers = sorted(amax)
     for layer in layers:
         for row, t in enumerate(amax[layer], start=1):
-            fig.add_trace(go.Bar(y=t.flatten().tolist(), marker_color=_COLORS[row - 1],
+            fig.add_trace(go.Bar(y=t.flatten().tolist(), marker_color=COLORS[row - 1],
                                  name=("keys", "values")[row - 1], showlegend=False,
                                  visible=layer == layers[0],
                                  hovertemplate="channel %{x}<br>absmax %{y:.3f}<extra></extra>"),
@@ -461,13 +461,13 @@ def kv_accuracy_figure(rows: list[dict]) -> go.Figure:
             textposition=[("top center", "bottom center", "middle right", "middle left")[
                 sorted(range(len(rows)), key=lambda j: rows[j]["bytes_per_token"]).index(i) % 4]
                 for i in range(len(rows))],
-            name=lab, marker=dict(size=10, color=_COLORS[0 if metric[0] == "p" else 1]),
+            name=lab, marker=dict(size=10, color=COLORS[0 if metric[0] == "p" else 1]),
             textfont=dict(size=10),
             hovertemplate="%{text}<br>%{x} bytes/token<br>%{y:.4f}<extra></extra>"))
     fig.update_layout(template="plotly_white", height=500, xaxis_type="log",
                       xaxis_title="KV bytes per token, all layers (log)",
                       yaxis_title="perplexity increase")
-    _dropdown(fig, {"perplexity increase": [0], "greedy agreement": [1]},
+    dropdown(fig, {"perplexity increase": [0], "greedy agreement": [1]},
               title_of=lambda lab: f"KV codecs on stdlib-llama: {lab} against bytes per token",
               extra={lab: {"yaxis.title.text": lab} for lab in ("perplexity increase",
                                                                  "greedy agreement")})
@@ -491,13 +491,13 @@ def kv_speedup_figure(bench: dict) -> go.Figure:
             groups[f"batch {b}"].append(len(fig.data))
             fig.add_trace(go.Scatter(
                 x=[r["context"] for r in sel], y=[r["speedup_vs_sdpa_bf16"] for r in sel],
-                mode="lines+markers", name=impl, marker=dict(color=_COLORS[i]),
+                mode="lines+markers", name=impl, marker=dict(color=COLORS[i]),
                 customdata=[[r["ms"], r["floor_frac"]] for r in sel],
                 hovertemplate=impl + "<br>context %{x}<br>%{y:.2f}x SDPA<br>"
                 "%{customdata[0]:.4f} ms, %{customdata[1]:.0%} of the byte floor<extra></extra>"))
     title = lambda lab: (f"Decode attention, {lab}: speedup over SDPA bf16 "
                          f"({h['device']}, {h['date']})")
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(f"batch {batches[0]}"), template="plotly_white", height=480,
                       xaxis_type="log", xaxis_title="context (tokens, log)",
                       xaxis_tickvals=sorted({r["context"] for r in rows}),
@@ -535,11 +535,11 @@ def kernel_shapes_figure(bench: dict, kernels: dict, floor_of: str | None = None
             Ms = sorted(pts)
             fig.add_trace(go.Scatter(
                 x=Ms, y=[pts[M] for M in Ms], mode="lines+markers", name=label,
-                line=dict(color="#444" if label == "floor" else _COLORS[i],
+                line=dict(color="#444" if label == "floor" else COLORS[i],
                           dash="dot" if label == "floor" else "solid"),
                 hovertemplate=label + "<br>M=%{x}<br>%{y:.4g}<extra></extra>"))
     title = lambda lab: f"{what}: {lab} ({h['device']}, {h['date']})"
-    _dropdown(fig, groups, title_of=title)
+    dropdown(fig, groups, title_of=title)
     fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=500,
                       xaxis_type="log", xaxis_title="M (tokens in the batch, log)",
                       xaxis_tickvals=sorted({r["M"] for r in rows}),
@@ -557,7 +557,7 @@ def roofline_figure(M: list[int], series: dict, title: str) -> go.Figure:
     fig = go.Figure()
     for i, (lab, ys) in enumerate(series.items()):
         fig.add_trace(go.Scatter(x=list(M), y=list(ys), mode="lines+markers", name=lab,
-                                 line=dict(color=_COLORS[i]),
+                                 line=dict(color=COLORS[i]),
                                  hovertemplate=lab + "<br>M=%{x}<br>%{y:.4g} ms<extra></extra>"))
     fig.update_layout(title=title, template="plotly_white", height=460, xaxis_type="log",
                       xaxis_tickvals=list(M),

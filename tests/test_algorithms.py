@@ -21,7 +21,6 @@ from quantlab.algorithms import (
     gptq_quantize,
     hadamard_matrix,
     hadamard_transform,
-    migrate_scales,
     paley_hadamard,
     quarot,
     rotate_model,
@@ -33,6 +32,7 @@ from quantlab.compare import token_windows
 from quantlab.eval import next_token_kl
 from quantlab.models import calib_text, eval_text, load_causal_lm
 from quantlab.nn import QuantLinear, quantize_model
+from quantlab.outliers import plant_outlier_channels
 from quantlab.schemes import Scheme, TensorScheme
 
 W4_CHANNEL = Scheme("w4a16_channel", TensorScheme("int4", "channel"), None, "int4 per channel")
@@ -159,23 +159,9 @@ def test_awq_beats_rtn_at_w4a16(lm):
     assert kl(lm, q) < 0.95 * kl(lm, rtn(model, "w4a16"))
 
 
-def with_outlier_channels(model, channels=(3, 77, 150), factor=30.0):
-    """A copy whose RMSNorm outputs carry outlier channels (x30), undone in the next linears'
-    columns: the same function, with the activation outliers of large LLMs that stdlib-llama
-    lacks (its int8 per-token error is already tiny: SmoothQuant has nothing to fix there)."""
-    model = copy.deepcopy(model)
-    s = torch.ones(model.config.hidden_size)
-    s[list(channels)] = 1 / factor
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        migrate_scales(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], s)
-        migrate_scales(layer.post_attention_layernorm, [m.gate_proj, m.up_proj], s)
-    return model
-
-
 def test_smoothquant_beats_per_token_int8_on_outlier_channels(lm):
     model, calib, held_out = lm
-    outliers = with_outlier_channels(model)
+    outliers = plant_outlier_channels(model)  # stdlib-llama has no outliers of its own
     assert max_rel_logit_change(model, outliers, held_out[:1]) < 1e-4
     q = smoothquant(copy.deepcopy(outliers), "int8_w8a8", calib)
     assert kl(lm, q) < 0.7 * kl(lm, rtn(outliers, "int8_w8a8"))
