@@ -95,11 +95,12 @@ def _quantize_column(w: Tensor, s: Tensor, zp: Tensor | None, fmt, glob: Tensor 
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, H: Tensor, scheme: Scheme | TensorScheme | str,
-                  percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False
+                  percdamp: float = 0.1, blocksize: int = 128, act_order: bool = False
                   ) -> QuantizedTensor:
     """weight (N, K) float, H (K, K) = 2 X^T X of the layer's calibration inputs X (n, K)
     -> QuantizedTensor whose dequantize() is the weight GPTQ chose (codes (N, K), scales and
-    zero points in quantlab.quantize's layout for the scheme's weight TensorScheme)."""
+    zero points in quantlab.quantize's layout for the scheme's weight TensorScheme).
+    percdamp defaults to 0.1, as gptq() does (see there why not the paper's 0.01)."""
     ts = scheme if isinstance(scheme, TensorScheme) else get_scheme(scheme).weights
     _check(weight, H, ts)
     fmt = get_format(ts.format)
