@@ -1,5 +1,5 @@
 """Chapter 4's measurements: why GPTQ and AWQ beat round to nearest (RTN), layer by layer and on
-the whole model, and the plotly figures that show it.
+the whole model (the figures that show it are in quantlab.viz.calibrated).
 
 Everything here measures a linear layer y = x W^T (W: (N, K), inputs x: (n, K)) by its *output*
 error on real inputs, through the Hessian of that error, H = 2 X^T X / n (K, K):
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import math
 
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from torch import Tensor, nn
 
 from quantlab.algorithms import gptq_quantize
 from quantlab.eval.metrics import sqnr_db
 from quantlab.quantize import fake_quantize
 from quantlab.schemes import TensorScheme
-from quantlab.viz import COLORS, dropdown
 
 # The four distinct inputs of a Llama decoder layer: q/k/v share one, gate/up share one.
 LAYER_INPUTS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -61,12 +58,6 @@ def output_sqnr_db(W: Tensor, Wq: Tensor, H: Tensor) -> float:
     return -10 * math.log10(output_error(W, Wq, H))
 
 
-def _round(t: Tensor, digits: int = 4) -> list[float]:
-    """Values to `digits` significant digits: plotly writes every float in full, and a figure
-    with thousands of points would otherwise weigh megabytes in the book."""
-    return [float(f"{v:.{digits}g}") for v in t.tolist()]
-
-
 # --- 1. What RTN does not see --------------------------------------------------------------------
 
 def error_shares(W: Tensor, Wq: Tensor, H: Tensor) -> dict[str, Tensor]:
@@ -88,42 +79,6 @@ def top_share(shares: dict[str, Tensor], frac: float = 0.05) -> tuple[float, flo
     k = max(1, round(frac * len(shares["act_rms"])))
     top = shares["act_rms"].argsort(descending=True)[:k]
     return float(shares["weight_share"][top].sum()), float(shares["output_share"][top].sum())
-
-
-def _first(d: dict, first: str | None) -> dict:
-    """d with key `first` moved to the front (the figure a dropdown shows initially)."""
-    return d if first is None else {first: d[first], **{k: v for k, v in d.items() if k != first}}
-
-
-def blind_spot_figure(shares: dict[str, dict[str, Tensor]], first: str | None = None
-                      ) -> go.Figure:
-    """shares: layer label -> error_shares(...). Top: activation RMS per input channel; bottom:
-    each channel's share of the weight error and of the output error. A dropdown picks the
-    layer (`first` is shown initially; default: the first of `shares`)."""
-    shares = _first(shares, first)
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("input activation RMS per channel",
-                                        "share of RTN's error per input channel"))
-    groups = {}
-    for lab, s in shares.items():
-        groups[lab] = list(range(len(fig.data), len(fig.data) + 3))
-        fig.add_trace(go.Bar(y=_round(s["act_rms"], 3), marker_color="#888",
-                             name="activation RMS", showlegend=False,
-                             hovertemplate="channel %{x}: RMS %{y:.3f}<extra></extra>"),
-                      row=1, col=1)
-        for j, (key, name) in enumerate((("weight_share", "weight error"),
-                                         ("output_share", "output error"))):
-            fig.add_trace(go.Scatter(y=_round(s[key], 3), mode="lines", name=name,
-                                     line=dict(color=COLORS[j], width=1.2),
-                                     hovertemplate=f"channel %{{x}}: %{{y:.2%}} of the {name}"
-                                                   "<extra></extra>"), row=2, col=1)
-    dropdown(fig, groups, title_of=lambda lab: f"RTN (w4a16) on {lab}: where the error lands")
-    fig.update_layout(template="plotly_white", height=560, bargap=0,
-                      title=f"RTN (w4a16) on {next(iter(shares))}: where the error lands",
-                      legend=dict(x=1.0, xanchor="right", y=0.42))
-    fig.update_yaxes(tickformat=".1%", row=2, col=1)
-    fig.update_xaxes(title_text="input channel k", row=2, col=1)
-    return fig
 
 
 # --- 2. GPTQ ------------------------------------------------------------------------------------
@@ -186,26 +141,6 @@ def error_traces(W: Tensor, H: Tensor, rtn: Tensor, gptq: Tensor,
     return out
 
 
-def trace_figure(traces: dict[str, dict]) -> go.Figure:
-    """traces: layer label -> error_traces(...). One line per curve, in % of the output energy,
-    against columns quantized; a dropdown picks the layer."""
-    fig, groups = go.Figure(), {}
-    for lab, tr in traces.items():
-        curves = {c: y for c, y in tr.items() if c != "columns"}
-        groups[lab] = list(range(len(fig.data), len(fig.data) + len(curves)))
-        for i, (c, y) in enumerate(curves.items()):
-            fig.add_trace(go.Scatter(
-                x=tr["columns"], y=(100 * y).tolist(), mode="lines", name=c,
-                line=dict(color=COLORS[i]), hovertemplate=c + "<br>%{x} columns quantized<br>"
-                "output error %{y:.3f}% of the output energy<extra></extra>"))
-    title = lambda lab: f"Output error while quantizing {lab} column by column (w4a16)"
-    dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(traces))), template="plotly_white", height=480,
-                      xaxis_title="columns quantized (in processing order)",
-                      yaxis_title="output error (% of output energy, calibration inputs)")
-    return fig
-
-
 def sqnr_rows(W: Tensor, versions: dict[str, Tensor], Hs: dict[str, Tensor]) -> list[dict]:
     """W (N, K); versions: label -> quantized weight (N, K); Hs: label -> (K, K) Hessian. One
     row per version: its weight SQNR and its output SQNR on each H's inputs, in dB."""
@@ -224,24 +159,6 @@ def gain_rows(W: dict[str, Tensor], rtn: dict[str, Tensor], gptq: dict[str, Tens
             for n in W]
 
 
-def gain_figure(rows: list[dict]) -> go.Figure:
-    """gain_rows: GPTQ's gain over RTN (dB), one bar per (layer, inputs label), grouped by
-    layer."""
-    fig = go.Figure()
-    short = [r["layer"].replace("layers.", "").replace("self_attn.", "").replace("mlp.", "")
-             for r in rows]  # "2.down_proj"
-    for i, lab in enumerate(k for k in rows[0] if k != "layer"):
-        fig.add_trace(go.Bar(x=short, y=[r[lab] for r in rows], name=lab,
-                             marker_color=COLORS[i],
-                             hovertemplate="%{x}<br>" + lab + ": %{y:+.2f} dB<extra></extra>"))
-    fig.update_layout(title="GPTQ's output SQNR gain over RTN (w4a16), measured on three sets "
-                            "of inputs", template="plotly_white", height=480, barmode="group",
-                      yaxis_title="output SQNR gain over RTN (dB)", xaxis_tickangle=-45,
-                      xaxis_title="decoder layer . linear layer",
-                      legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"))
-    return fig
-
-
 def damping_sweep(W: Tensor, x_calib: Tensor, H_eval: Tensor, ts: TensorScheme,
                   tokens: tuple[int, ...], percdamps: tuple[float, ...]) -> list[dict]:
     """GPTQ on the first n rows of x_calib (n_max, K) for each n in tokens and each percdamp.
@@ -258,34 +175,6 @@ def damping_sweep(W: Tensor, x_calib: Tensor, H_eval: Tensor, ts: TensorScheme,
                          "held-out gain dB": output_sqnr_db(W, Q, H_eval)
                          - output_sqnr_db(W, R, H_eval)})
     return rows
-
-
-def damping_figure(sweeps: dict[str, list[dict]]) -> go.Figure:
-    """sweeps: layer label -> damping_sweep rows. GPTQ's output SQNR gain over RTN (dB) against
-    calibration tokens (log), solid on held-out inputs and dotted on the calibration inputs, one
-    color per percdamp; a dropdown picks the layer."""
-    fig, groups = go.Figure(), {}
-    for lab, rows in sweeps.items():
-        groups[lab] = []
-        for i, pd in enumerate(dict.fromkeys(r["percdamp"] for r in rows)):
-            sel = [r for r in rows if r["percdamp"] == pd]
-            for key, dash in (("held-out gain dB", "solid"), ("calibration gain dB", "dot")):
-                groups[lab].append(len(fig.data))
-                where = key.split(" gain")[0]
-                fig.add_trace(go.Scatter(
-                    x=[r["tokens"] for r in sel], y=[r[key] for r in sel], mode="lines+markers",
-                    name=f"percdamp {pd:g}, {where}", line=dict(color=COLORS[i], dash=dash),
-                    hovertemplate=f"percdamp {pd:g}<br>%{{x}} calibration tokens<br>{where}: "
-                                  "%{y:+.2f} dB over RTN<extra></extra>"))
-    title = lambda lab: f"GPTQ's gain over RTN on {lab}: calibration vs held-out inputs"
-    dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(sweeps))), template="plotly_white", height=500,
-                      xaxis_type="log", xaxis_title="calibration tokens (log)",
-                      xaxis_tickvals=sorted({r["tokens"] for rows in sweeps.values()
-                                             for r in rows}),
-                      yaxis_title="output SQNR gain over RTN (dB)")
-    fig.add_hline(y=0, line_dash="dot", line_color="#888")
-    return fig
 
 
 # --- 3. AWQ -------------------------------------------------------------------------------------
@@ -330,41 +219,6 @@ def alpha_curves(model: nn.Module, x_mean: dict[str, Tensor], Hs: dict[str, dict
                 lab: awq_alpha_curve(ws, x_mean[name], {h: H[name] for h, H in Hs.items()}, ts,
                                      n_grid) for lab, ts in schemes.items()}
     return out
-
-
-def alpha_figure(curves: dict[str, dict[str, dict[str, Tensor]]], first: str | None = None
-                 ) -> go.Figure:
-    """curves: group label -> scheme label -> awq_alpha_curve(...) with Hs labels "calibration"
-    and "held out". Output error relative to RTN's (alpha = 0) against alpha, solid on held-out
-    inputs, dotted on calibration inputs, a star at each curve's minimum on calibration inputs
-    (the alpha AWQ picks); a dropdown picks the group (`first` is shown initially)."""
-    curves = _first(curves, first)
-    fig, groups = go.Figure(), {}
-    for lab, by_scheme in curves.items():
-        groups[lab] = []
-        for i, (sch, c) in enumerate(by_scheme.items()):
-            a = c["alpha"].tolist()
-            for where, dash in (("held out", "solid"), ("calibration", "dot")):
-                y = (c[where] / c[where][0]).tolist()
-                groups[lab].append(len(fig.data))
-                fig.add_trace(go.Scatter(
-                    x=a, y=y, mode="lines", name=f"{sch}, {where}",
-                    line=dict(color=COLORS[i], dash=dash),
-                    hovertemplate=f"{sch}, {where}<br>alpha %{{x:.1f}}: %{{y:.3f}} x RTN's "
-                                  "output error<extra></extra>"))
-            best = int(c["calibration"].argmin())
-            groups[lab].append(len(fig.data))
-            fig.add_trace(go.Scatter(
-                x=[a[best]], y=[float(c["held out"][best] / c["held out"][0])], mode="markers",
-                marker=dict(symbol="star", size=14, color=COLORS[i]), showlegend=False,
-                hovertemplate=f"{sch}: AWQ picks alpha %{{x:.1f}}<extra></extra>"))
-    title = lambda lab: f"AWQ's scale exponent on {lab}: output error relative to RTN"
-    dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(curves))), template="plotly_white", height=500,
-                      xaxis_title="alpha (s = mean|x|^alpha)",
-                      yaxis_title="output error / RTN's output error")
-    fig.add_hline(y=1, line_dash="dot", line_color="#888")
-    return fig
 
 
 def keep_channels_error(W: Tensor, H: Tensor, ts: TensorScheme, keep: Tensor) -> float:
@@ -441,28 +295,3 @@ def summary_rows(scores: dict[tuple[str, str], dict[str, Tensor]], base_nll: Ten
                      f"KL - {baseline}": float(dkl.mean()), f"KL - {baseline} SE": se(dkl),
                      f"NLL - {baseline}": float(dnll.mean()), f"NLL - {baseline} SE": se(dnll)})
     return rows
-
-
-def model_figure(rows: list[dict]) -> go.Figure:
-    """summary_rows: grouped bars, one group per scheme, one bar per algorithm; a dropdown
-    switches between next-token KL and perplexity increase."""
-    fig, groups = go.Figure(), {}
-    algos = list(dict.fromkeys(r["algorithm"] for r in rows))
-    for key, fmt in (("KL", ".4f"), ("perplexity increase", ".3f")):
-        groups[key] = []
-        for i, a in enumerate(algos):
-            sel = [r for r in rows if r["algorithm"] == a]
-            groups[key].append(len(fig.data))
-            fig.add_trace(go.Bar(x=[r["scheme"] for r in sel], y=[r[key] for r in sel], name=a,
-                                 marker_color=COLORS[i], text=[format(r[key], fmt) for r in sel],
-                                 textposition="outside",
-                                 hovertemplate=f"{a}<br>%{{x}}<br>{key} %{{y:{fmt}}}"
-                                               "<extra></extra>"))
-    title = lambda key: f"stdlib-llama, RTN against GPTQ and AWQ: {key} on held-out text"
-    dropdown(fig, groups, title_of=title,
-              extra={k: {"yaxis.title.text": t} for k, t in
-                     (("KL", "next-token KL from the float model (nats/token)"),
-                      ("perplexity increase", "perplexity - float model's"))})
-    fig.update_layout(title=title("KL"), template="plotly_white", height=480, barmode="group",
-                      yaxis_title="next-token KL from the float model (nats/token)")
-    return fig

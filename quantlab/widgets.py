@@ -11,21 +11,21 @@ figure with its own slider or dropdown (quantlab.viz); these panels are the live
 
 from __future__ import annotations
 
+import html
 import math
 
 import ipywidgets as W
 import plotly.graph_objects as go
 import torch
 
+from quantlab.deploy import recommend
 from quantlab.formats import get_format
 from quantlab.schemes import TensorScheme
-from quantlab.viz import (
-    _BookRenderer,
-    _field_row,
-    error_histogram_slider,
-    explain_code,
-    scheme_rows,
-)
+from quantlab.serving import GPUS, MODELS
+from quantlab.viz.book import _BookRenderer
+from quantlab.viz.deploy import memory_figure
+from quantlab.viz.formats import _field_row, explain_code
+from quantlab.viz.schemes import error_histogram_slider, scheme_rows
 
 BIT_FORMATS = ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1", "int8", "int4", "nf4")
 FIELD_COLORS = ("#f4a582", "#92c5de", "#d1e5a0")  # sign, exponent, mantissa
@@ -127,3 +127,35 @@ def quantize_panel(w: torch.Tensor) -> W.VBox:
         c.observe(redraw, "value")
     redraw()
     return W.VBox([W.HBox([el, grp, sf]), out])
+
+
+# Choices of the recommender panel (chapter 10).
+CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BUDGETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def recommend_panel(costs: dict[str, float]) -> W.VBox:
+    """GPU, model, context, batch and budget -> quantlab.deploy.recommend's choice, its reasons
+    and the memory bars of the choice. costs: {format: %} (deploy.measure_costs rows)."""
+    gpu = W.Dropdown(options=list(GPUS), value="H100", description="GPU")
+    model = W.Dropdown(options=list(MODELS), value="Llama-3-8B", description="model")
+    ctx = W.SelectionSlider(options=list(CONTEXTS), value=8192, description="context")
+    batch = W.SelectionSlider(options=list(BATCHES), value=32, description="batch")
+    budget = W.SelectionSlider(options=list(BUDGETS), value=1.0, description="budget %")
+    text, out = W.HTML(), W.Output()
+
+    def redraw(*_):
+        r = recommend(gpu.value, model.value, ctx.value, batch.value, budget.value, costs=costs)
+        head = f"<b>{r.weight_format or 'nothing fits'}</b>" + (
+            f", --kv-cache-dtype <b>{r.kv_cache_dtype}</b>" if r.kv_cache_dtype else "")
+        text.value = (head + "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in r.reasons)
+                      + f"</ul><pre>{html.escape(r.command)}</pre>")
+        kvd = r.kv_cache_dtype or "auto"
+        _show(out, memory_figure({f"{model.value}, {batch.value} x {ctx.value} tokens": (
+            model.value, ctx.value, batch.value, kvd)}, [gpu.value]))
+
+    for w in (gpu, model, ctx, batch, budget):
+        w.observe(redraw, "value")
+    redraw()
+    return W.VBox([W.HBox([gpu, model]), W.HBox([ctx, batch, budget]), text, out])

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantlab import calibrated as C
-from quantlab import fake_quantize
+from quantlab import fake_quantize, viz
 from quantlab.algorithms import gptq_quantize, search_scales
 from quantlab.compare import mean_nll
 from quantlab.eval import capture_linear_io, next_token_kl, sqnr_db
@@ -216,11 +216,12 @@ def test_figures_have_one_dropdown_button_per_layer():
     R = fake_quantize(W, INT4_G16)
     Q = gptq_quantize(W, H, INT4_G16, percdamp=0.1).dequantize()
     shares = {f"l{i}": C.error_shares(W, R, H) for i in range(3)}
+    V = viz.calibrated
     figs = {
-        3: C.blind_spot_figure(shares),
-        2: C.trace_figure({f"l{i}": C.error_traces(W, H, R, Q) for i in range(2)}),
-        1: C.damping_figure({"l": C.damping_sweep(W, x, H, INT4_G16, (200, 400), (0.1,))}),
-        4: C.alpha_figure({f"g{i}": {"w": C.awq_alpha_curve([W], x.abs().mean(0),
+        3: V.blind_spot_figure(shares),
+        2: V.trace_figure({f"l{i}": C.error_traces(W, H, R, Q) for i in range(2)}),
+        1: V.damping_figure({"l": C.damping_sweep(W, x, H, INT4_G16, (200, 400), (0.1,))}),
+        4: V.alpha_figure({f"g{i}": {"w": C.awq_alpha_curve([W], x.abs().mean(0),
                                                             {"calibration": H, "held out": H},
                                                             INT4_G16, 5)} for i in range(4)}),
     }
@@ -232,6 +233,6 @@ def test_figures_have_one_dropdown_button_per_layer():
         assert sum(bool(t.visible) for t in fig.data) == shown[0]  # first button's shown
     rows = [{"scheme": s, "algorithm": a, "KL": 0.01, "perplexity increase": 0.1}
             for s in ("a", "b") for a in ("RTN", "GPTQ")]
-    fig = C.model_figure(rows)
+    fig = V.model_figure(rows)
     assert len(fig.layout.updatemenus[0].buttons) == 2 and len(fig.data) == 4
-    assert len(C.gain_figure(C.gain_rows({"a": W}, {"a": R}, {"a": Q}, {"x": {"a": H}})).data) == 1
+    assert len(V.gain_figure(C.gain_rows({"a": W}, {"a": R}, {"a": Q}, {"x": {"a": H}})).data) == 1

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantlab import fp8_study as fs
-from quantlab import get_scheme
+from quantlab import get_scheme, viz
 from quantlab.eval import sqnr_db
 from quantlab.nn import QuantLinear
 from quantlab.quantize import fake_quantize
@@ -246,22 +246,22 @@ def _buttons(fig):
 def test_figures_build_with_their_controls():
     x = randn(64, 256, seed=1)
     amax = {"a": x.abs().amax(-1), "b": 2 * x.abs().amax(-1)}
-    fig = fs.token_amax_figure(amax, {"a": 3.0, "b": 4.0})
+    fig = viz.fp8.token_amax_figure(amax, {"a": 3.0, "b": 4.0})
     assert len(fig.data) == 6 and _buttons(fig) == 2
-    fig = fs.static_scale_slider(x, float(x.abs().amax() / 448), [-2, 0, 3])
+    fig = viz.fp8.static_scale_slider(x, float(x.abs().amax() / 448), [-2, 0, 3])
     assert _buttons(fig) == 3 and fig.layout.sliders[0].active == 1
     assert [t.visible for t in fig.data] == [False, True, False]
-    fig = fs.sweep_figure([0.5, 1, 2], {"a": [1, 2, 3]}, {"a dyn": 2.5})
+    fig = viz.fp8.sweep_figure([0.5, 1, 2], {"a": [1, 2, 3]}, {"a dyn": 2.5})
     assert len(fig.data) == 2
     rows = [{"layer": f"model.layers.{i}.mlp.{p}", "scheme": s, "output_sqnr_db": 30.0 + i}
             for i in range(2) for p in ("up_proj", "down_proj") for s in ("A", "B")]
-    fig = fs.layer_sqnr_figure(rows)
+    fig = viz.fp8.layer_sqnr_figure(rows)
     assert _buttons(fig) == 2 and len(fig.data) == 4
-    fig = fs.format_window_figure({"x": x, "y": x**3})
+    fig = viz.fp8.format_window_figure({"x": x, "y": x**3})
     assert _buttons(fig) == 2 and len(fig.data) == 2 + 4
     mrows = [{"config": c, "perplexity": 10 + d, "kl": d, "top1_agreement": 1 - d}
              for c, d in (("a", 0.01), ("b", 2.0))]
-    fig = fs.model_metrics_figure(mrows, 10.0)
+    fig = viz.fp8.model_metrics_figure(mrows, 10.0)
     assert _buttons(fig) == 3 and fig.layout.yaxis.type == "log"
 
 
@@ -270,7 +270,7 @@ def test_fp8_kernel_figure_styles_ours_and_peer():
              "ms": 0.01 * m, "floor_ms": 0.001, "compute_ms": 0.001}
             for k in ("ours_fp8", "scaled_mm") for g in ("tensor", "row", "block") for m in (1, 16)]
     bench = {"header": {"device": "GPU", "date": "today"}, "rows": rows}
-    fig = fs.fp8_kernel_figure(bench)
+    fig = viz.fp8.fp8_kernel_figure(bench)
     assert len(fig.data) == 6
     dashed = {t.name for t in fig.data if t.line.dash == "dash"}
     assert dashed == {"_scaled_mm, per tensor", "_scaled_mm, per row", "_scaled_mm, 128-block"}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from quantlab import outliers as ol
+from quantlab import viz
 from quantlab.eval import sqnr_db
 from quantlab.nn import QuantLinear
 
@@ -255,25 +256,26 @@ def _buttons(fig):
 
 def test_figures_have_their_menus_and_slider():
     maps = {"a": torch.rand(3, 16) + 1, "b": torch.rand(2, 16) + 1}
-    fig = ol.channel_heatmap_figure(maps)
+    fig = viz.outliers.channel_heatmap_figure(maps)
     assert len(fig.data) == 2 and [b.label for b in _buttons(fig)] == ["a", "b"]
     assert [tr.visible for tr in fig.data] == [True, False]
     assert _buttons(fig)[1].args[0]["visible"] == [False, True]
-    fig = ol.token_heatmap_figure({"x": torch.randn(4, 8)}, ["[CLS]", "a", "b", "[SEP]"])
+    fig = viz.outliers.token_heatmap_figure({"x": torch.randn(4, 8)},
+                                            ["[CLS]", "a", "b", "[SEP]"])
     assert len(fig.data[0].y) == 4
-    fig = ol.token_codes_figure({"t": torch.tensor([127.0, 3, -2, 0])})
+    fig = viz.outliers.token_codes_figure({"t": torch.tensor([127.0, 3, -2, 0])})
     assert "largest |code| 127, the next 3" in fig.layout.title.text
     rows = ol.alpha_sweep(with_outliers(), torch.randn(8, 32, generator=gen(9)), (0.5, 1.0))
-    fig = ol.alpha_slider_figure(rows)
+    fig = viz.outliers.alpha_slider_figure(rows)
     assert len(fig.data) == 6 and len(fig.layout.sliders[0].steps) == 3
     assert fig.layout.sliders[0].steps[2].args[0]["visible"] == [False] * 4 + [True] * 2
-    fig = ol.alpha_sqnr_figure({"l1": rows, "l2": rows})
+    fig = viz.outliers.alpha_sqnr_figure({"l1": rows, "l2": rows})
     assert len(fig.data) == 12 and len(_buttons(fig)) == 2
     x = with_outliers()
-    fig = ol.rotation_histogram_figure({"x": (x, ol.rotate(x, x[:1])[0])})
+    fig = viz.outliers.rotation_histogram_figure({"x": (x, ol.rotate(x, x[:1])[0])})
     assert "kurtosis" in fig.data[0].name and len(fig.data) == 2
-    fig = ol.end_to_end_figure({"m": {"RTN": 2.0, "rotation": 1.0}, "n": {"RTN": 3.0}},
-                               {"m": "err", "n": "kl"})
+    fig = viz.outliers.end_to_end_figure({"m": {"RTN": 2.0, "rotation": 1.0},
+                                          "n": {"RTN": 3.0}}, {"m": "err", "n": "kl"})
     assert _buttons(fig)[1].args[1]["yaxis.title.text"] == "kl"
     assert fig.layout.yaxis.title.text == "err" and fig.layout.title.text.endswith(": m")
     assert fig.data[0].marker.color[0] == fig.data[1].marker.color[0] != fig.data[0].marker.color[1]
