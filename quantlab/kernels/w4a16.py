@@ -153,6 +153,30 @@ def w4a16_matmul_ref(x: Tensor, w: Int4Weight) -> Tensor:
 
 
 @triton.jit
+def _group_affine(s_ptr, z_ptr, g, N, offs_n, n_ok, HAS_ZERO: tl.constexpr):
+    """Scale group g of a tile of rows -> (s16, c), both (BLOCK_N,) float32, such that
+    (nibble - zero) * scale = f * s16 + c for f = 1 + nibble / 16. Both products are exact for
+    16-bit scales, so the one FMA rounds once, like the reference's (code - zero) * scale."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+    else:
+        z = 8.0
+    return s * 16.0, -(16.0 + z) * s
+
+
+@triton.jit
+def _nibble_f(words, j: tl.constexpr):
+    """Nibble j of every int32 word as f = 1 + nibble / 16 in float32 (exact): one shift puts the
+    nibble in mantissa bits 19..22, one and-or gives the float's bits."""
+    if 4 * j <= 19:
+        t = words << (19 - 4 * j)
+    else:
+        t = words >> (4 * j - 19)
+    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr,          # (M, K) activations, bf16/fp16, row stride stride_xm
     w_ptr,          # (N, K // 8) int32 packed weights (module doc)
@@ -186,22 +210,8 @@ def _w4a16_kernel(
             for j in tl.static_range(8):
                 k0 = kb * 128 + 16 * j
                 if (j * 16) % GROUP == 0:  # a new scale group starts here (always at j = 0)
-                    g = k0 // GROUP
-                    s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                    if HAS_ZERO:
-                        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                    else:
-                        z = 8.0
-                    # f = 1 + nibble/16 (exact), so f * 16s - (16 + z) s = (nibble - z) s; both
-                    # products are exact for 16-bit scales, so an FMA rounds once, like the
-                    # reference's (code - zero) * scale.
-                    s16 = s * 16.0
-                    c = -(16.0 + z) * s
-                if 4 * j <= 19:
-                    t = words << (19 - 4 * j)
-                else:
-                    t = words >> (4 * j - 19)
-                f = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                    s16, c = _group_affine(s_ptr, z_ptr, k0 // GROUP, N, offs_n, n_ok, HAS_ZERO)
+                f = _nibble_f(words, j)
                 wj = (f * s16[:, None] + c[:, None]).to(x_ptr.dtype.element_ty)
                 xj = tl.load(x_ptr + offs_m[None, :] * stride_xm + k0 + offs_i[:, None],
                              mask=m_ok[None, :], other=0.0)
@@ -308,20 +318,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
     for j in tl.static_range(8):
         k0 = kb * 128 + 16 * j
         if (j * 16) % GROUP == 0:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-            else:
-                z = 8.0
-            s16 = s * 16.0
-            c = -(16.0 + z) * s
-        if 4 * j <= 19:
-            t = words << (19 - 4 * j)
-        else:
-            t = words >> (4 * j - 19)
-        f = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        wj = (f * s16[:, None] + c[:, None]).to(out_ptr.dtype.element_ty)
+            s16, c = _group_affine(s_ptr, z_ptr, k0 // GROUP, N, offs_n, n_ok, HAS_ZERO)
+        wj = (_nibble_f(words, j) * s16[:, None] + c[:, None]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs_n[:, None] * K + k0 + offs_i[None, :], wj, mask=n_ok[:, None])
 
 
