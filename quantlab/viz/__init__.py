@@ -51,7 +51,3 @@ __all__ = [
     "perplexity_vs_bits", "relative_step_figure", "roofline_figure", "rounded", "scheme_rows",
     "sqnr_vs_bits_figure", "use_book_renderer", "value_grid_figure",
 ]
-
-# Private helpers that quantlab.widgets imported from the one-module viz; still reachable here.
-from quantlab.viz.book import _BookRenderer  # noqa: E402, F401
-from quantlab.viz.formats import _field_row, _positive_values  # noqa: E402, F401

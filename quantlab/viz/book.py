@@ -47,9 +47,9 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3g"):
 
 def dropdown(fig: go.Figure, groups: dict, title_of=None, extra: dict | None = None) -> None:
     """groups: button label -> indices of the traces it shows (the others hidden); the first
-    group is shown initially. title_of: label -> figure title for that button (optional);
-    extra: label -> more layout updates for that button. The menu sits above the plot, left,
-    under the title."""
+    group is shown initially, with its title and layout. title_of: label -> figure title for
+    that button (optional); extra: label -> more layout updates for that button. The menu sits
+    above the plot, left, under the title."""
     n = len(fig.data)
     buttons = []
     for lab, idx in groups.items():
@@ -60,6 +60,7 @@ def dropdown(fig: go.Figure, groups: dict, title_of=None, extra: dict | None = N
     first = set(next(iter(groups.values())))
     for i, tr in enumerate(fig.data):
         tr.visible = i in first
+    fig.update_layout(buttons[0]["args"][1])
     fig.update_layout(updatemenus=[dict(buttons=buttons, x=0.0, xanchor="left", y=1.02,
                                         yanchor="bottom")], margin=dict(t=110))
 

@@ -61,7 +61,7 @@ def trace_figure(traces: dict[str, dict]) -> go.Figure:
                 "output error %{y:.3f}% of the output energy<extra></extra>"))
     title = lambda lab: f"Output error while quantizing {lab} column by column (w4a16)"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(traces))), template="plotly_white", height=480,
+    fig.update_layout(template="plotly_white", height=480,
                       xaxis_title="columns quantized (in processing order)",
                       yaxis_title="output error (% of output energy, calibration inputs)")
     return fig
@@ -104,7 +104,7 @@ def damping_figure(sweeps: dict[str, list[dict]]) -> go.Figure:
                                   "%{y:+.2f} dB over RTN<extra></extra>"))
     title = lambda lab: f"GPTQ's gain over RTN on {lab}: calibration vs held-out inputs"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(sweeps))), template="plotly_white", height=500,
+    fig.update_layout(template="plotly_white", height=500,
                       xaxis_type="log", xaxis_title="calibration tokens (log)",
                       xaxis_tickvals=sorted({r["tokens"] for rows in sweeps.values()
                                              for r in rows}),
@@ -141,7 +141,7 @@ def alpha_figure(curves: dict[str, dict[str, dict[str, Tensor]]], first: str | N
                 hovertemplate=f"{sch}: AWQ picks alpha %{{x:.1f}}<extra></extra>"))
     title = lambda lab: f"AWQ's scale exponent on {lab}: output error relative to RTN"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(curves))), template="plotly_white", height=500,
+    fig.update_layout(template="plotly_white", height=500,
                       xaxis_title="alpha (s = mean|x|^alpha)",
                       yaxis_title="output error / RTN's output error")
     fig.add_hline(y=1, line_dash="dot", line_color="#888")

@@ -61,7 +61,7 @@ def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
                     hovertemplate=g.name + ": %{customdata:,} tokens<extra></extra>"))
     title = lambda lab: f"Longest context per sequence at batch {batch}: {lab}"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=500,
+    fig.update_layout(template="plotly_white", height=500,
                       yaxis_type="log", yaxis_title="tokens per sequence (log; 1 = no room)",
                       xaxis_title="weight format")
     return fig
@@ -122,7 +122,7 @@ def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Fig
                 colorscale="Viridis", hovertemplate="%{y}, %{x}: %{text}<extra></extra>"))
     title = lambda lab: f"What to ship at batch {batch}: {lab}"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=480,
+    fig.update_layout(template="plotly_white", height=480,
                       xaxis_title="context length (tokens per sequence)",
                       yaxis_autorange="reversed")
     return fig
@@ -146,7 +146,7 @@ def kv_scale_figure(sweeps: dict) -> go.Figure:
                            yanchor="bottom")  # annotations on a log axis take log10(x)
     title = lambda lab: f"FP8 {lab} of stdlib-llama layer 1, rescaled: SQNR against amax"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=480,
+    fig.update_layout(template="plotly_white", height=480,
                       xaxis_type="log", xaxis_title="amax of the tensor (log)",
                       yaxis_title="SQNR (dB)")
     return fig

@@ -36,7 +36,7 @@ def token_amax_figure(token_amax: dict[str, Tensor], calibrated: dict[str, float
                                  hovertemplate="token %{x}: %{y:.3f}<extra></extra>"))
     title = lambda lab: f"Held-out tokens against the calibrated scale: {lab}"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=460,
+    fig.update_layout(template="plotly_white", height=460,
                       xaxis_title="held-out token", yaxis_title="largest |x| in the token",
                       yaxis_rangemode="tozero",
                       legend=dict(orientation="h", y=-0.2))
@@ -167,7 +167,7 @@ def format_window_figure(tensors: dict[str, Tensor], formats: tuple[str, ...] = 
     groups = {lab: idx + list(range(n, len(fig.data))) for lab, idx in groups.items()}
     title = lambda lab: f"{lab}: magnitudes relative to amax, and what each format keeps"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=520,
+    fig.update_layout(template="plotly_white", height=520,
                       bargap=0)
     fig.update_yaxes(title_text="values (log)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="log2(|value| / amax)", range=[lo, 0.5], row=2, col=1)

@@ -41,7 +41,7 @@ def kernel_shapes_figure(bench: dict, kernels: dict, floor_of: str | None = None
                 hovertemplate=label + "<br>M=%{x}<br>%{y:.4g}<extra></extra>"))
     title = lambda lab: f"{what}: {lab} ({h['device']}, {h['date']})"
     dropdown(fig, groups, title_of=title)
-    fig.update_layout(title=title(next(iter(groups))), template="plotly_white", height=500,
+    fig.update_layout(template="plotly_white", height=500,
                       xaxis_type="log", xaxis_title="M (tokens in the batch, log)",
                       xaxis_tickvals=sorted({r["M"] for r in rows}),
                       yaxis_type=None if ratio_to else "log",

@@ -15,14 +15,6 @@ from quantlab.outliers import kurtosis
 from quantlab.viz.book import COLORS, dropdown
 
 
-def _menu(fig: go.Figure, groups: dict, titles: dict, extra: dict | None = None) -> None:
-    """viz's dropdown (groups: label -> indices of the traces it shows; titles: label -> figure
-    title; extra: label -> more layout), with the first label's title and layout applied."""
-    dropdown(fig, groups, title_of=titles.get, extra=extra)
-    first = next(iter(groups))
-    fig.update_layout({"title.text": titles[first]} | (extra or {}).get(first, {}))
-
-
 def channel_heatmap_figure(maps: dict[str, Tensor], top: float = 32.0) -> go.Figure:
     """maps: label -> (layers, K) per-channel absmax. A heatmap of absmax / each layer's median
     channel (rows: layers, columns: channels) on a log2 color scale from 1x to `top`x, shared by
@@ -41,7 +33,7 @@ def channel_heatmap_figure(maps: dict[str, Tensor], top: float = 32.0) -> go.Fig
         groups[label] = [i]
         titles[label] = (f"{label}: largest channel {float(ratio.max()):.1f}x the median "
                          f"(channel {int(ratio.max(0).values.argmax())})")
-    _menu(fig, groups, titles)
+    dropdown(fig, groups, title_of=titles.get)
     fig.update_layout(template="plotly_white", height=420, xaxis_title="channel",
                       yaxis_title="layer", yaxis_dtick=1)
     return fig
@@ -61,7 +53,7 @@ def token_heatmap_figure(maps: dict[str, Tensor], tokens: list[str]) -> go.Figur
         groups[label] = [i]
         titles[label] = (f"|x| per token and channel, {label}: largest {float(a.max()):.1f} "
                          f"at token {tokens[t]}, channel {c}")
-    _menu(fig, groups, titles)
+    dropdown(fig, groups, title_of=titles.get)
     fig.update_layout(template="plotly_white", height=440, xaxis_title="channel",
                       yaxis_autorange="reversed")
     return fig
@@ -78,7 +70,7 @@ def token_codes_figure(codes: dict[str, Tensor]) -> go.Figure:
         mags = c.abs().sort(descending=True).values
         titles[label] = (f"One token's int8 codes, {label}: largest |code| {int(mags[0])}, "
                          f"the next {int(mags[1])}, median {int(mags[len(c) // 2])}")
-    _menu(fig, groups, titles)
+    dropdown(fig, groups, title_of=titles.get)
     fig.update_layout(template="plotly_white", height=440, bargap=0, showlegend=False,
                       yaxis_range=[-130, 130], xaxis_title="channel", yaxis_title="int8 code")
     return fig
@@ -142,7 +134,7 @@ def alpha_sqnr_figure(sweeps: dict[str, list[dict]]) -> go.Figure:
                                      name=key.split()[0] + ", no smoothing", showlegend=False,
                                      line=dict(color=COLORS[i], dash="dot"),
                                      hovertemplate="no smoothing: %{y:.1f} dB<extra></extra>"))
-    _menu(fig, groups, {lab: f"W8A8 SQNR against SmoothQuant's alpha: {lab}" for lab in groups})
+    dropdown(fig, groups, title_of=lambda lab: f"W8A8 SQNR against SmoothQuant's alpha: {lab}")
     fig.update_layout(template="plotly_white", height=460, xaxis_title="alpha (migration "
                       "strength)", yaxis_title="SQNR (dB); dotted: no smoothing")
     return fig
@@ -165,8 +157,8 @@ def rotation_histogram_figure(pairs: dict[str, tuple[Tensor, Tensor]], bins: int
                                  name=f"{what} rotation (kurtosis {kurtosis(t):.1f})",
                                  marker_color=COLORS[i], opacity=0.6, width=2 * lim / bins,
                                  hovertemplate="%{x:.2f} x RMS: %{y}<extra></extra>"))
-    _menu(fig, groups, {lab: f"Values / RMS before and after a Hadamard rotation: {lab}"
-                        for lab in groups})
+    dropdown(fig, groups,
+             title_of=lambda lab: f"Values / RMS before and after a Hadamard rotation: {lab}")
     fig.update_layout(template="plotly_white", height=460, barmode="overlay", bargap=0,
                       yaxis_type="log", yaxis_dtick=1, xaxis_title="value / RMS",
                       yaxis_title="count (log)",
@@ -188,6 +180,6 @@ def end_to_end_figure(results: dict[str, dict[str, float]], axis: dict[str, str]
                              marker_color=[COLORS[family(m)] for m in errs],
                              hovertemplate="%{x}: %{y:.3g}<extra></extra>"))
     fig.update_layout(template="plotly_white", height=440, showlegend=False)
-    _menu(fig, groups, {c: f"W8A8 end to end: {c}" for c in results},
-          {c: {"yaxis.title.text": axis[c]} for c in results})
+    dropdown(fig, groups, title_of=lambda c: f"W8A8 end to end: {c}",
+             extra={c: {"yaxis.title.text": axis[c]} for c in results})
     return fig
