@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from quantlab.algorithms import gptq_quantize
+from quantlab.eval.lm import next_token_logprobs as reference_logprobs  # noqa: F401
 from quantlab.eval.metrics import sqnr_db
 from quantlab.quantize import fake_quantize
 from quantlab.schemes import TensorScheme
@@ -249,13 +250,6 @@ def salient_rows(layers: dict[str, tuple[Tensor, Tensor, Tensor]], ts: TensorSch
 
 
 # --- 4. The whole model -------------------------------------------------------------------------
-
-@torch.inference_mode()
-def reference_logprobs(model: nn.Module, windows: Tensor, batch_size: int = 8) -> Tensor:
-    """windows (B, T) int64 token ids -> next-token log-probabilities (B, T, V) float32."""
-    return torch.cat([torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1)
-                      for b in windows.split(batch_size)])
-
 
 def reference_nll(ref_lp: Tensor, windows: Tensor) -> Tensor:
     """ref_lp (B, T, V) log-probs, windows (B, T) -> the model's mean NLL per window (B,)

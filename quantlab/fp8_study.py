@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from quantlab.eval.lm import next_token_logprobs as reference_logprobs
 from quantlab.eval.metrics import sqnr_db
 from quantlab.formats import get_format
 from quantlab.nn import quantize_model
@@ -319,13 +320,6 @@ def format_rows(formats: tuple[str, ...] = ("e4m3", "e5m2")) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The whole model.
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def reference_logprobs(model: nn.Module, windows: Tensor, batch_size: int = 8) -> Tensor:
-    """windows (B, T) -> (B, T, vocab) float32 next-token log-probabilities."""
-    return torch.cat([torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1)
-                      for b in windows.split(batch_size)])
 
 
 def metrics_from_logprobs(lp: Tensor, windows: Tensor, ref_lp: Tensor) -> dict:

@@ -9,6 +9,13 @@ from quantlab.eval.metrics import sqnr_db
 
 
 @torch.inference_mode()
+def next_token_logprobs(model: nn.Module, windows: Tensor, batch_size: int = 8) -> Tensor:
+    """windows (B, T) int64 token ids -> next-token log-probabilities (B, T, vocab) float32."""
+    return torch.cat([torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1)
+                      for b in windows.split(batch_size)])
+
+
+@torch.inference_mode()
 def next_token_kl(ref_model: nn.Module, model: nn.Module, windows: Tensor,
                   batch_size: int = 8) -> float:
     """Mean KL(P_ref || P_model) of next-token distributions, in nats per token.
