@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -184,26 +185,26 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                                for k, q in (("tensor", wq_t), ("row", wq_r), ("block", wq_b))}
             if "fp4" in kernels:
                 # our bit-exact quantize kernel (the reference's minifloat tables live on the CPU)
-                prep["fp4"] = {k: fp4_gemm.pack_fp4(quantize_blocks(W, k)) for k in ("mxfp4", "nvfp4")}
+                prep["fp4"] = {k: fp4_gemm.pack_fp4(quantize_blocks(W, k))
+                               for k in ("mxfp4", "nvfp4")}
             for M in Ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 io = (M * K + M * N) * 2
-                ref = F.linear(x, W)
                 tag = {"model": model, "layer": name}
                 if "bf16" in kernels:
-                    sw.add("cublas_bf16", M, N, K, lambda: F.linear(x, W), N * K * 2 + io, **tag)
+                    sw.add("cublas_bf16", M, N, K, partial(F.linear, x, W), N * K * 2 + io, **tag)
                 if "w4a16" in kernels:
                     for kname, w, wr in (("ours_w4a16", prep["w4"], prep["w4_ref"]),
                                          ("ours_w4a16_asym", prep["w4a"], prep["w4a_ref"])):
-                        row = sw.add(kname, M, N, K, lambda w=w: w4a16.w4a16_matmul(x, w),
+                        row = sw.add(kname, M, N, K, partial(w4a16.w4a16_matmul, x, w),
                                      w.nbytes + io, ref=F.linear(x, wr), **tag)
                         row["config"] = str(w4a16._PICKED_CONFIG(M, N, K, w, x.dtype))
                 if "int4pack" in kernels:
                     r4 = F.linear(x, prep["w4_ref"])
-                    sw.add("aten_int4pack", M, N, K, lambda: prep["tiny"](x), prep["w4"].nbytes + io,
-                           ref=r4, **tag)
+                    sw.add("aten_int4pack", M, N, K, partial(prep["tiny"], x),
+                           prep["w4"].nbytes + io, ref=r4, **tag)
                 if "gemlite" in kernels:
-                    sw.add("gemlite_w4a16", M, N, K, lambda: prep["gemlite"](x),
+                    sw.add("gemlite_w4a16", M, N, K, partial(prep["gemlite"], x),
                            prep["w4"].nbytes + io, ref=F.linear(x, prep["w4_ref"]), **tag)
                 if "fp8" in kernels:
                     for kind, (wq, ws) in prep["fp8"].items():
@@ -220,14 +221,14 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                         nb = N * K + M * K + M * N * 2 + 4 * (ws.numel() + xs.numel())
                         rf = fp8_gemm.fp8_matmul_ref(xq, xs, wq, ws)
                         sw.add(f"ours_fp8_{kind}", M, N, K,
-                               lambda xq=xq, xs=xs, wq=wq, ws=ws: fp8_gemm.fp8_matmul(xq, xs, wq, ws),
+                               partial(fp8_gemm.fp8_matmul, xq, xs, wq, ws),
                                nb, peak="fp8", ref=rf, **tag)
                         sw.add(f"scaled_mm_{kind}", M, N, K, scaled_mm_peer(xq, xs, wq, ws, kind),
                                nb, peak="fp8", ref=rf, **tag)
                 if "fp4" in kernels:
                     for kind, w in prep["fp4"].items():
                         rf = fp4_gemm.fp4_matmul_ref(x, w) if M <= 16 else None
-                        sw.add(f"ours_{kind}", M, N, K, lambda w=w: fp4_gemm.fp4_matmul(x, w),
+                        sw.add(f"ours_{kind}", M, N, K, partial(fp4_gemm.fp4_matmul, x, w),
                                w.nbytes + io, ref=rf, **tag)
             del prep, W
             torch.cuda.empty_cache()
@@ -242,12 +243,13 @@ def quant_sweep(sw: Sweep):
         x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
         g = nvfp4_global_scale(x)
         base = R * K * 2
-        sw.add("quant_fp8_per_token", R, 1, K, lambda: quantize_per_token(x, "e4m3").codes,
+        sw.add("quant_fp8_per_token", R, 1, K, lambda x=x: quantize_per_token(x, "e4m3").codes,
                base + R * K + 4 * R, peak="fp8")
-        sw.add("quant_int8_per_token", R, 1, K, lambda: quantize_per_token(x, "int8").codes,
+        sw.add("quant_int8_per_token", R, 1, K, lambda x=x: quantize_per_token(x, "int8").codes,
                base + R * K + 4 * R, peak="fp8")
         for kind, B in (("mxfp8", 32), ("mxfp4", 32), ("nvfp4", 16)):
-            sw.add(f"quant_{kind}", R, 1, K, lambda kind=kind: quantize_blocks(x, kind, g).codes,
+            sw.add(f"quant_{kind}", R, 1, K,
+                   lambda x=x, kind=kind, g=g: quantize_blocks(x, kind, g).codes,
                    base + R * K + 4 * R * K // B, peak="fp8")
 
 
@@ -261,7 +263,8 @@ def main(argv=None):
     ap.add_argument("--layers", default="", help="e.g. gate_up,down (default: all)")
     ap.add_argument("--M", default=",".join(map(str, MS)))
     ap.add_argument("--kernels", default=",".join(KERNELS))
-    ap.add_argument("--out", default=None, help="JSON path (default data/bench/kernels-<device>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default data/bench/kernels-<device>.json)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="join runs of one device (e.g. --models 8b and --models 70b made in "
                          "separate sessions) into --out; no GPU needed")
@@ -337,15 +340,18 @@ def summarize(rows):
              ("ours_fp8_tensor", "scaled_mm_tensor"), ("ours_w4a16", "gemlite_w4a16")]
     print("\nmodel layer      M   w4a16_ms  floor%  x_vs_bf16  x_vs_int4pack  fp8row/peer  "
           "fp8blk/peer  fp8t/peer  x_vs_gemlite  mxfp4_ms nvfp4_ms")
-    for (model, layer, M, N, K), d in sorted(by.items()):
+    for (model, layer, M, _N, _K), d in sorted(by.items()):
         if "ours_w4a16" not in d and "quant" not in layer:
             continue
-        def sp(a, b):
+
+        def sp(a, b, d=d):
             return f"{d[b]['ms'] / d[a]['ms']:.2f}" if a in d and b in d else "-"
+
         w = d.get("ours_w4a16", {})
         print(f"{model:5} {layer:8} {M:5}  {w.get('ms', float('nan')):8.4f}  "
               f"{100 * w.get('floor_frac', math.nan):5.1f}  {sp(*pairs[0]):>9}  {sp(*pairs[1]):>13}"
-              f"  {sp(*pairs[2]):>11}  {sp(*pairs[3]):>11}  {sp(*pairs[4]):>9}  {sp(*pairs[5]):>12}  "
+              f"  {sp(*pairs[2]):>11}  {sp(*pairs[3]):>11}  {sp(*pairs[4]):>9}"
+              f"  {sp(*pairs[5]):>12}  "
               f"{d.get('ours_mxfp4', {}).get('ms', math.nan):8.4f} "
               f"{d.get('ours_nvfp4', {}).get('ms', math.nan):8.4f}")
     for r in rows:

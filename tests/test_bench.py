@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantlab.bench import MS, SHAPES, merge_runs
+from quantlab.bench import MS, SHAPES, merge_runs, summarize
 from quantlab.models import data_dir
 
 
@@ -46,3 +46,18 @@ def test_committed_h100_run_has_every_row():
                 assert not missing, (M, N, K, missing)
     for r in d["rows"]:
         assert r["floor_ms"] > 0 and ("ms" not in r or r["ms"] > 0)
+
+
+def test_summary_rows_each_use_their_own_shapes_times(capsys):
+    """summarize's per-row helper reads the times of the row it prints, not the last shape's."""
+    d = json.loads((data_dir() / "bench" / "kernels-nvidia-h100-80gb-hbm3.json").read_text())
+    summarize(d["rows"])
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+    ms = {(r["model"], r["layer"], r["M"], r["kernel"]): r["ms"] for r in d["rows"]
+          if "ms" in r and "model" in r}
+    table = [ln for ln in lines if len(ln) > 4 and ln[0] in SHAPES]
+    assert len(table) == sum(len(v) for v in SHAPES.values()) * len(MS)
+    for model, layer, M, _w, _floor, x_bf16, *_ in table:
+        key = (model, layer, int(M))
+        want = ms[(*key, "cublas_bf16")] / ms[(*key, "ours_w4a16")]
+        assert x_bf16 == f"{want:.2f}", key
