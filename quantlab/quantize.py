@@ -124,7 +124,7 @@ def _scale_shape(x: Tensor, ts: TensorScheme) -> tuple[int, ...]:
         return (*x.shape[:-1], 1)
     if ts.granularity == "group":
         return (*x.shape[:-1], x.shape[-1] // ts.group_size)
-    return tuple(-(-n // b) for n, b in zip(x.shape, ts.block))
+    return tuple(-(-n // b) for n, b in zip(x.shape, ts.block, strict=True))
 
 
 def round_scale(s: Tensor, scale_format: str) -> Tensor:

@@ -86,7 +86,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = []
     for j, row in enumerate(cells):
         lines.append("  ".join(c.ljust(w) if not columns[i][2] else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

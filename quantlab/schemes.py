@@ -14,7 +14,8 @@ from quantlab.formats import SCALE_BITS, get_format
 
 GRANULARITIES = ("tensor", "channel", "token", "group", "block")
 # absmax: scale = amax / format max (asymmetric: (max - min) / (2**bits - 1) with a zero point).
-# mx_floor: OCP MX v1.0 6.3, X = 2**(floor(log2 amax) - emax_elem); mx_rceil: 2**ceil(log2(amax / max)).
+# mx_floor: OCP MX v1.0 6.3, X = 2**(floor(log2 amax) - emax_elem);
+# mx_rceil: 2**ceil(log2(amax / max)).
 # nvfp4: fp32 global = amax(tensor) / (448 * 6), E4M3 block scale = amax(block) / 6 / global.
 # gguf_q8_0 / gguf_q4_0: llama.cpp's reference quantizers (ggml-quants.c), reproduced op for op.
 SCALE_RULES = ("absmax", "mx_floor", "mx_rceil", "nvfp4", "gguf_q8_0", "gguf_q4_0")
@@ -60,9 +61,11 @@ class TensorScheme:
         if not self.symmetric and fmt.kind != "int":
             raise ValueError(f"asymmetric quantization needs an integer format, not {self.format}")
         if not self.symmetric and fmt.signed:
-            raise ValueError(f"asymmetric codes are unsigned: use u{self.format}, not {self.format}")
+            raise ValueError(
+                f"asymmetric codes are unsigned: use u{self.format}, not {self.format}")
         if self.symmetric and self.scale_rule == "absmax" and fmt.kind == "int" and not fmt.signed:
-            raise ValueError(f"symmetric codes are signed: use {self.format[1:]}, not {self.format}")
+            raise ValueError(
+                f"symmetric codes are signed: use {self.format[1:]}, not {self.format}")
         if self.scale_rule.startswith("mx") and self.scale_format != "e8m0":
             raise ValueError("MX scale rules produce E8M0 scales: set scale_format='e8m0'")
         if self.scale_rule == "nvfp4" and (self.scale_format != "e4m3" or self.format != "e2m1"):

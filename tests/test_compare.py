@@ -52,8 +52,9 @@ def test_compare_errors():
 
 
 def test_compare_runs_calibrated_algorithms():
-    base, rows = compare(tiny_llama(), ByteTokenizer(), TEXT, TEXT, ["w4a16"], ["rtn", "gptq", "awq"],
-                         seq_len=64, eval_tokens=256, calib_tokens=512, kl_tokens=128, log=None)
+    base, rows = compare(tiny_llama(), ByteTokenizer(), TEXT, TEXT, ["w4a16"],
+                         ["rtn", "gptq", "awq"], seq_len=64, eval_tokens=256, calib_tokens=512,
+                         kl_tokens=128, log=None)
     by = {r.algorithm: r for r in rows}
     assert set(by) == {"rtn", "gptq", "awq"}
     assert by["gptq"].layers and not by["awq"].layers  # AWQ rescales float weights: no layer view

@@ -8,7 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantlab.formats import (
-    E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FORMATS, INT2, INT4, INT8, NF4, UINT4, get_format,
+    E2M1,
+    E2M3,
+    E3M2,
+    E4M3,
+    E5M2,
+    E8M0,
+    FORMATS,
+    INT2,
+    INT4,
+    INT8,
+    NF4,
+    UINT4,
+    get_format,
 )
 
 FLOATS = (E4M3, E5M2, E2M3, E3M2, E2M1)
@@ -180,7 +192,8 @@ def test_integers_round_half_to_even_and_saturate():
     assert INT2.grid().tolist() == [-2, -1, 0, 1]
     codes = torch.arange(-128, 128, dtype=torch.int8)
     assert torch.equal(INT8.encode(INT8.decode(codes)), codes)
-    assert torch.equal(INT8.table.to(torch.int8), torch.arange(256, dtype=torch.uint8).view(torch.int8))
+    all_bytes = torch.arange(256, dtype=torch.uint8).view(torch.int8)
+    assert torch.equal(INT8.table.to(torch.int8), all_bytes)
 
 
 def test_nf4_nearest_and_midpoint_ties_go_down():

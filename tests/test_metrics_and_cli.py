@@ -10,7 +10,12 @@ import torch
 
 from quantlab.cli import main
 from quantlab.eval import (
-    cosine_similarity, error_histogram, error_report, max_abs_error, mse, sqnr_db,
+    cosine_similarity,
+    error_histogram,
+    error_report,
+    max_abs_error,
+    mse,
+    sqnr_db,
 )
 
 

@@ -175,7 +175,8 @@ def test_float_schemes_round_each_element_to_half_an_ulp_or_clip(name, std, seed
     q = quantize(x, name)
     fmt = get_format(q.scheme.format)
     per = x.shape[-1] // q.scales.shape[-1]
-    scale = q.scales.repeat_interleave(per, -1) * (q.global_scale if q.global_scale is not None else 1)
+    g = q.global_scale if q.global_scale is not None else 1
+    scale = q.scales.repeat_interleave(per, -1) * g
     v, y = x / scale, dequantize(q)
     normal = (v.abs() >= fmt.min_normal) & (v.abs() <= fmt.max)
     rel = ((x - y).abs() / x.abs())[normal]
@@ -212,7 +213,8 @@ def test_static_activation_scale():
 
 
 @pytest.mark.parametrize("bad,err,match", [
-    (torch.tensor([[1.0, float("nan"), float("inf")] + [0.0] * 125]), ValueError, "1 NaN and 1 inf"),
+    (torch.tensor([[1.0, float("nan"), float("inf")] + [0.0] * 125]), ValueError,
+     "1 NaN and 1 inf"),
     (torch.zeros(0, 128), ValueError, "empty"),
     (torch.ones(4, 100), ValueError, "group_size=128 does not divide the last dimension K=100"),
     (torch.ones(4, 128, dtype=torch.int32), TypeError, "floating-point"),

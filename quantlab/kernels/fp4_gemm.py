@@ -199,7 +199,8 @@ def fp4_matmul(x: Tensor, w: Fp4Weight, config: tuple | None = None) -> Tensor:
         raise ValueError(f"{where}: x must be contiguous along K; pass x.contiguous()")
     M = x2.shape[0]
     if config is None:
-        sms = 1 if interpreted() else torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = (1 if interpreted()
+               else torch.cuda.get_device_properties(x.device).multi_processor_count)
         key = ("fp4", w.kind, triton.next_power_of_2(M), N, K, x.dtype)
         cands = [c[1:] for c in _candidates(M, N, K, sms, 129) if c[0] == "dot"]
         config = pick_config(key, cands, lambda c: _launch(x2, w, c))

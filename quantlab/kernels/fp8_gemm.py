@@ -159,7 +159,8 @@ def _candidates(M: int, N: int, K: int, kind: str) -> list[tuple]:
     if kind == "block":
         c = [(128, 128, 128, 8, 3, tma), (64, 128, 128, 4, 4, tma), (128, 128, 128, 4, 3, tma)]
         if M >= 256:  # wider tiles: fewer CUDA-core rescales per tensor-core FLOP
-            c += [(128, 256, 128, 8, 3, tma), (128, 128, 128, 8, 4, tma), (256, 128, 128, 8, 3, tma)]
+            c += [(128, 256, 128, 8, 3, tma), (128, 128, 128, 8, 4, tma),
+                  (256, 128, 128, 8, 3, tma)]
     elif M >= 256:
         c = [(128, 256, 128, 8, 3, tma), (128, 128, 128, 8, 4, tma), (128, 256, 64, 8, 4, tma),
              (128, 128, 128, 4, 4, tma), (256, 128, 128, 8, 3, tma), (128, 256, 128, 8, 4, tma)]

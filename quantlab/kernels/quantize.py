@@ -61,7 +61,8 @@ def _encode_float(v, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexp
     q = _round_grid(tl.abs(v), MBITS, 1 - BIAS, MAXV)
     qb = q.to(tl.int32, bitcast=True)
     normal = ((qb >> 23) & 0xFF) - 127 >= 1 - BIAS
-    code_n = ((((qb >> 23) & 0xFF) - 127 + BIAS) << MBITS) | ((qb >> (23 - MBITS)) & ((1 << MBITS) - 1))
+    code_n = (((((qb >> 23) & 0xFF) - 127 + BIAS) << MBITS)
+              | ((qb >> (23 - MBITS)) & ((1 << MBITS) - 1)))
     sub_mul = tl.full((), (MBITS - (1 - BIAS) + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
     code_s = (q * sub_mul).to(tl.int32)                     # exact small integer
     code = tl.where(normal & (q > 0), code_n, code_s)

@@ -23,8 +23,10 @@ def test_packed_weight_dequantizes_exactly(kind):
     assert torch.equal(fp4_gemm.dequantize_fp4(w.to(DEV)).cpu(), dequantize(q, torch.bfloat16))
 
 
-@pytest.mark.parametrize("kind,dtype,M", [("mxfp4", torch.bfloat16, 1), ("mxfp4", torch.float16, 7),
-                                          ("nvfp4", torch.bfloat16, 3), ("nvfp4", torch.float16, 1)])
+@pytest.mark.parametrize("kind,dtype,M", [("mxfp4", torch.bfloat16, 1),
+                                          ("mxfp4", torch.float16, 7),
+                                          ("nvfp4", torch.bfloat16, 3),
+                                          ("nvfp4", torch.float16, 1)])
 def test_matmul_matches_reference(poison, kind, dtype, M):
     w = fp4_gemm.pack_fp4(quantize(randn(72, 256, seed=2).cpu(), kind)).to(DEV)
     x = randn(M, 256, seed=3, dtype=dtype)
