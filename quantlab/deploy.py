@@ -37,9 +37,10 @@ from quantlab.serving import (
 
 # ---------------------------------------------------------------------------- accuracy costs
 
-NOISE_PCT = 0.1  # perplexity changes below this are noise at 2048 eval tokens: measured while
-# writing chapter 10, int8_w8a8 came out at -0.05% there and +0.08% at 4096 tokens, fp8_dynamic
-# at +0.03% and +0.09%.
+NOISE_PCT = 0.25  # perplexity changes below this are noise at 2048 eval tokens. Measured (RTN,
+# stdlib-llama) over ATEN_CPU_CAPABILITY default/avx2/avx512 x 1-2 threads x torch 2.11/2.13:
+# fp8_dynamic +0.02% to +0.12%, int8_w8a8 -0.05% to +0.05%, the same format on the same weights;
+# scripts/check_spread.py reruns it.
 
 
 def measure_costs(schemes=FORMATS[1:], eval_tokens: int = 2048, calib_tokens: int = 256,

@@ -6,7 +6,7 @@ what the analysis module of the same topic computes and imports from it, never t
 (data flows one way: analysis -> viz; no analysis module imports plotly). Live ipywidgets
 panels, which need a kernel, are in quantlab.widgets.
 
-    book         COLORS, use_book_renderer, markdown_table, dropdown: shared by every chapter
+    book         COLORS, use_book_renderer, markdown_table, dropdown, glue: shared by every chapter
     compare      `quantlab compare --report`: perplexity against bits, per-layer SQNR, HTML
     formats      chapter 1: value grids, relative steps, the bits of a code
     schemes      chapters 2 and 6: one weight under many schemes, 4-bit levels, MX scale rules
@@ -23,7 +23,14 @@ chapter modules are reached through them: viz.outliers.channel_heatmap_figure(..
 """
 
 from quantlab.viz import calibrated, deploy, fp8, outliers
-from quantlab.viz.book import COLORS, dropdown, markdown_table, rounded, use_book_renderer
+from quantlab.viz.book import (
+    COLORS,
+    dropdown,
+    glue,
+    markdown_table,
+    rounded,
+    use_book_renderer,
+)
 from quantlab.viz.compare import html_report, layer_sqnr_heatmap, perplexity_vs_bits
 from quantlab.viz.formats import (
     bit_explorer_figure,
@@ -45,7 +52,7 @@ from quantlab.viz.schemes import (
 
 __all__ = [
     "COLORS", "block_values_figure", "bit_explorer_figure", "calibrated", "deploy", "dropdown",
-    "error_histogram_slider", "explain_code", "fp8", "granularity_figure", "html_report",
+    "error_histogram_slider", "explain_code", "fp8", "glue", "granularity_figure", "html_report",
     "kernel_shapes_figure", "kv_accuracy_figure", "kv_channel_figure", "kv_speedup_figure",
     "layer_sqnr_heatmap", "levels_figure", "markdown_table", "mx_rule_figure", "outliers",
     "perplexity_vs_bits", "relative_step_figure", "roofline_figure", "rounded", "scheme_rows",

@@ -70,3 +70,14 @@ def rounded(t, digits: int = 4) -> list[float]:
     float in full, and a figure with thousands of points would otherwise weigh megabytes in the
     book."""
     return [float(f"{v:.{digits}g}") for v in t.tolist()]
+
+
+def glue(name: str, value) -> None:
+    """Hand a computed number to the chapter's prose: {glue:text}`name:.2f` in the markdown shows
+    it in the book (myst-nb), so the text quotes this run's result, never a copied one. Prints
+    nothing; a no-op without myst-nb (JupyterLab shows the role's source instead)."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return
+    _glue(name, value, display=False)
