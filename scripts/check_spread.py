@@ -14,13 +14,17 @@ smallest and largest value over the loop).
 `sweep` runs `record` in a subprocess per (capability, threads) pair; a capability the CPU lacks
 is skipped (torch would silently run a lower one). `table` prints, per asserted operand, its
 min and max over the runs, the nearest constant bound in its comparison and the margin left in
-units of the measured spread; it exits 1 when any assert failed in any run.
+units of the measured spread, and which chapters' `# NBVAL_CHECK_OUTPUT` cells printed
+different text in different runs (nbval would fail there); it exits 1 on either, or when any
+assert failed in any run.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import json
 import math
 import os
@@ -137,6 +141,7 @@ def record_chapter(path: Path) -> dict:
     nb = jupytext.read(path)
     records: list[dict] = []
     seen: dict[int, dict] = {}
+    printed: dict[int, str] = {}
 
     def record(key, test, operands):
         entry = seen.setdefault(key, {"held": True, "values": {}})
@@ -169,12 +174,20 @@ def record_chapter(path: Path) -> dict:
                 raise SystemExit(f"{path.name} cell {i}: IPython syntax is not supported here")
             tree = ast.parse(src)
             tree = ast.fix_missing_locations(_Rewrite(i, src, records).visit(tree))
-            exec(compile(tree, f"{path.name}[{i}]", "exec"), namespace)
+            code = compile(tree, f"{path.name}[{i}]", "exec")
+            if src.lstrip().startswith("# NBVAL_CHECK_OUTPUT"):  # what nbval will compare
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    exec(code, namespace)
+                printed[i] = buf.getvalue()
+            else:
+                exec(code, namespace)
     finally:
         os.chdir(cwd)
     for key, meta in enumerate(records):
         meta.update(seen.get(key, {"held": None, "values": {}}))
-    return {"chapter": path.stem, "seconds": time.perf_counter() - t0, "asserts": records}
+    return {"chapter": path.stem, "seconds": time.perf_counter() - t0, "asserts": records,
+            "checked_output": printed}
 
 
 def chapters(prefixes: list[str]) -> list[Path]:
@@ -284,6 +297,14 @@ def cmd_table(args) -> int:
                         spread = math.nan
                     rows.append((chapter, meta["cell"], op["expr"][:60], lo, hi, spread,
                                  bounds, margin))
+    differ = 0
+    for chapter, chs in sorted(by_chapter.items()):
+        texts = {json.dumps(c.get("checked_output", {}), sort_keys=True) for c in chs}
+        if len(texts) > 1:
+            differ += 1
+            print(f"NBVAL_CHECK_OUTPUT differs across runs: {chapter}")
+            for t in sorted(texts):
+                print("   ", t[:400])
     print(f"\n{'chapter':<18}{'cell':>5}  {'operand':<60} {'min':>11} {'max':>11} "
           f"{'spread':>9} {'margin':>9} bounds")
     tight = 0
@@ -295,8 +316,8 @@ def cmd_table(args) -> int:
             print(f"{chapter:<18}{cell:>5}  {expr:<60} {lo:11.5g} {hi:11.5g} {spread:9.2g} "
                   f"{margin:9.2g} {bounds}{flag}")
     print(f"\n{len(rows)} operands, {tight} with a margin under 3x their spread, "
-          f"{failed} asserts failed somewhere")
-    return 1 if failed else 0
+          f"{failed} asserts failed somewhere, {differ} chapters whose checked output differs")
+    return 1 if failed or differ else 0
 
 
 def main(argv=None) -> int:
