@@ -9,13 +9,13 @@ fake-quantized on every call: dynamic (per token / per group, computed from the 
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantlab.layers import matches
 from quantlab.quantize import QuantizedTensor, dequantize, quantize
 from quantlab.schemes import Scheme, get_scheme
 
@@ -96,10 +96,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatch(name, pattern) or name == pattern or name.endswith("." + pattern)
-
-
 def quantize_model(model: nn.Module, scheme: Scheme | str,
                    ignore: tuple[str, ...] = ("lm_head",),
                    overrides: dict[str, Scheme | str | None] | None = None,
@@ -119,11 +115,11 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
     for name, layer in layers.items():
         chosen = scheme
         for pattern, s in overrides.items():
-            if _matches(name, pattern):
+            if matches(name, pattern):
                 chosen = None if s is None else get_scheme(s)
                 break
         else:
-            if any(_matches(name, p) for p in ignore):
+            if any(matches(name, p) for p in ignore):
                 chosen = None
         if chosen is None:
             continue

@@ -1,5 +1,7 @@
-"""Calibration plumbing the algorithms share: the parts of a Llama-style model, calibration tokens
-run through it one decoder layer at a time, and per-layer input statistics from forward hooks.
+"""Calibration plumbing the algorithms, the jobs and the exporter share: the parts of a Llama-style
+model, calibration tokens run through it one decoder layer at a time, layer inputs captured with
+forward hooks (`collect_inputs`, `capture_linear_io`), static activation scales
+(`static_act_scales`) and plain round to nearest with them (`rtn`).
 
 Every algorithm here rewrites the same places: a decoder layer's `input_layernorm` feeds
 `self_attn.{q,k,v}_proj`, `o_proj` writes the residual; `post_attention_layernorm` feeds
@@ -10,12 +12,13 @@ Llama, Mistral, Qwen2 and Qwen3 share that layout in transformers.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from fnmatch import fnmatch
 
 import torch
 from torch import Tensor, nn
 
 from quantlab.formats import get_format
+from quantlab.layers import matches_any
+from quantlab.nn import quantize_model
 from quantlab.schemes import Scheme
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -56,18 +59,13 @@ def check_calibration(calib: Tensor, min_tokens: int = MIN_CALIB_TOKENS) -> Tens
     if not isinstance(calib, Tensor) or calib.ndim != 2 or calib.dtype != torch.long:
         got = f"{type(calib).__name__} {getattr(calib, 'dtype', '')}"
         raise ValueError(f"calib must be a (batch, seq_len) int64 tensor of token ids, got {got}; "
-                         "make one with quantlab.compare.token_windows(tok, text, 256, 4096)")
+                         "make one with quantlab.eval.token_windows(tok, text, 256, 4096)")
     if calib.numel() < min_tokens:
         raise ValueError(f"the calibration set has {calib.numel()} tokens; these algorithms need "
                          f"at least {min_tokens} to estimate activation statistics (a few "
                          "thousand is better): give a longer calibration text, e.g. "
                          "quantlab.models.calib_text()")
     return calib
-
-
-def ignored(name: str, patterns: tuple[str, ...]) -> bool:
-    """quantize_model's rule: a pattern matches a name exactly, as a glob, or as its suffix."""
-    return any(name == p or fnmatch(name, p) or name.endswith("." + p) for p in patterns)
 
 
 def unwrap(module: nn.Module | None) -> nn.Module | None:
@@ -136,14 +134,22 @@ def input_hooks(modules: dict[str, nn.Module], fn):
 
 @torch.no_grad()
 def collect_inputs(model: nn.Module, modules: dict[str, nn.Module], calib: Tensor,
-                   max_rows: int = 4096) -> dict[str, Tensor]:
+                   max_rows: int | None = 4096) -> dict[str, Tensor]:
     """One float forward pass; each named module's inputs as (rows, K) float32, at most max_rows
-    rows taken evenly over the calibration tokens."""
+    rows taken evenly over the calibration tokens (None: every row)."""
     seen: dict[str, Tensor] = {}
     with input_hooks(modules, lambda n, x: seen.__setitem__(n, x.reshape(-1, x.shape[-1]).float())):
         model(input_ids=calib.to(model.device), use_cache=False)
+    if max_rows is None:
+        return seen
     step = max(1, -(-calib.numel() // max_rows))
     return {n: x[::step] for n, x in seen.items()}
+
+
+@torch.inference_mode()
+def capture_linear_io(model: nn.Module, names: list[str], inputs: Tensor) -> dict[str, Tensor]:
+    """Run the model on inputs (B, T) and return each named layer's input (B*T, K) float32."""
+    return collect_inputs(model, {n: model.get_submodule(n) for n in names}, inputs, None)
 
 
 @torch.no_grad()
@@ -155,10 +161,16 @@ def static_act_scales(model: nn.Module, scheme: Scheme, calib: Tensor,
     if act is None or act.dynamic:
         return {}
     linears = {n: m for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not ignored(n, ignore)}
+               if isinstance(m, nn.Linear) and not matches_any(n, ignore)}
     amax: dict[str, Tensor] = {}
     with input_hooks(linears, lambda n, x: amax.__setitem__(
             n, torch.maximum(amax.get(n, torch.zeros(())), x.detach().abs().amax().float().cpu()))):
         model(input_ids=calib.to(model.device), use_cache=False)
     fmax = get_format(act.format).max
     return {n: (a / fmax).clamp(min=1e-12) for n, a in amax.items()}
+
+
+def rtn(model: nn.Module, scheme: Scheme, calib: Tensor) -> nn.Module:
+    """Round to nearest: every linear layer quantized on its own, no calibration for weights
+    (calib (B, T) sets the static activation scales of schemes that have them)."""
+    return quantize_model(model, scheme, act_scales=static_act_scales(model, scheme, calib))

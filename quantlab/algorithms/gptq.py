@@ -30,13 +30,13 @@ from quantlab.algorithms.calibration import (
     check_calibration,
     decoder_layers,
     first_layer_inputs,
-    ignored,
     input_hooks,
     layer_linears,
     run_layer,
     static_act_scales,
 )
 from quantlab.formats import E4M3, get_format
+from quantlab.layers import matches_any
 from quantlab.nn import QuantLinear, quantize_model
 from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor, dequantize, quantize
 from quantlab.schemes import Scheme, TensorScheme, get_scheme
@@ -209,7 +209,7 @@ def gptq(model: nn.Module, scheme: Scheme | str, calib: Tensor, percdamp: float 
     for index, layer in enumerate(layers):
         paths = {p.removesuffix(".linear"): p for p in layer_linears(layer)}
         prefix = f"model.layers.{index}."
-        groups = [[paths[n] for n in names if not ignored(prefix + n, ignore)]
+        groups = [[paths[n] for n in names if not matches_any(prefix + n, ignore)]
                   for names in SHARED_INPUT]
         groups = [g for g in groups if g]
         first = {g[0]: layer.get_submodule(g[0]) for g in groups}
@@ -242,7 +242,8 @@ def gptq(model: nn.Module, scheme: Scheme | str, calib: Tensor, percdamp: float 
                 setattr(layer.get_submodule(parent), child,
                         QuantLinear.from_linear(lin, scheme, qweight=qt, act_scale=act_scale))
         hidden = run_layer(layer, hidden, kwargs)  # the next layer sees this quantized one
-    if any(isinstance(m, nn.Linear) and not ignored(n, ignore) for n, m in model.named_modules()):
+    if any(isinstance(m, nn.Linear) and not matches_any(n, ignore)
+           for n, m in model.named_modules()):
         quantize_model(model, scheme, ignore=ignore,
                        act_scales=static_act_scales(model, scheme, calib, ignore))
     return model

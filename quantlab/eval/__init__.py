@@ -1,6 +1,22 @@
-"""Measurement: error metrics for tensor pairs, and model-level errors (KL, per-layer)."""
+"""Measurement: error metrics for tensor pairs (metrics.py) and language-model evaluation (lm.py:
+token windows, NLL and perplexity, KL against a reference, per-layer error)."""
 
-from quantlab.eval.lm import capture_linear_io, layer_errors, next_token_kl, next_token_logprobs
+from quantlab.eval.lm import (
+    LMScore,
+    layer_errors,
+    lm_metrics,
+    mean_nll,
+    metrics_from_logprobs,
+    next_token_kl,
+    next_token_logprobs,
+    perplexity,
+    score_text,
+    token_kl,
+    token_nll,
+    token_windows,
+    window_nll,
+    window_scores,
+)
 from quantlab.eval.metrics import (
     cosine_similarity,
     error_histogram,
@@ -11,5 +27,6 @@ from quantlab.eval.metrics import (
 )
 
 __all__ = ["mse", "sqnr_db", "max_abs_error", "cosine_similarity", "error_histogram",
-           "error_report", "next_token_kl", "next_token_logprobs", "layer_errors",
-           "capture_linear_io"]
+           "error_report", "token_windows", "mean_nll", "score_text", "perplexity", "LMScore",
+           "next_token_logprobs", "next_token_kl", "token_kl", "token_nll", "window_nll",
+           "window_scores", "metrics_from_logprobs", "lm_metrics", "layer_errors"]

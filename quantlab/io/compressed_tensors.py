@@ -24,7 +24,6 @@ the two fp32 roundings differ by at most an ulp or two (tests pin the bound).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from quantlab.io.safetensors_io import atomic_output, read_safetensors_dir, torch_dtype_name
+from quantlab.layers import matches
 from quantlab.nn import QuantLinear
 from quantlab.packing import pack_nibbles, unpack_nibbles
 from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor
@@ -273,7 +273,7 @@ def model_tensors(model: nn.Module, dtype: torch.dtype,
 def calibrate_input_global_scales(model: nn.Module, ids: Tensor) -> dict[str, Tensor]:
     """NVFP4 W4A4: per QuantLinear, input_global_scale = 448 * 6 / amax(its inputs on ids (B, T)),
     as llm-compressor's static_minmax observer does; compressed-tensors divides by it."""
-    from quantlab.eval.lm import capture_linear_io
+    from quantlab.algorithms.calibration import capture_linear_io
 
     names = [n for n, m in quantized_layers(model).items()
              if m.scheme.activations is not None and m.scheme.activations.scale_rule == "nvfp4"]
@@ -338,9 +338,9 @@ class CompressedCheckpoint:
 
 
 def _matches_target(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return name == target or target == "Linear"
+    """compressed-tensors' rule: "Linear" (the class) targets every linear, else an exact name
+    or "re:<regex>"."""
+    return target == "Linear" or matches(name, target, loose=False)
 
 
 def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
