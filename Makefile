@@ -34,8 +34,34 @@ install: $(STAMP)
 
 # pip, in hash-checking mode, installs the lock (when TORCH is set: less torch, and less triton if
 # that torch pins its own), then quantlab with no dependencies of its own (an editable install has
-# no file to hash), built with the lock's setuptools. pip check confirms the set is consistent.
-export TORCH_NEEDS_TRITON := import importlib.metadata as m, sys;   sys.exit(not any(r.startswith("triton") for r in m.requires("torch") or ()))
+# no file to hash), built with the lock's setuptools. pip check confirms the set is consistent, and
+# LOCK_COVERS_DEV that every requirement of quantlab[dev] is there (a dependency added to
+# pyproject.toml without `make lock` fails here).
+define TORCH_NEEDS_TRITON
+import importlib.metadata as m, sys
+sys.exit(not any(r.startswith("triton") for r in m.requires("torch") or ()))
+endef
+define LOCK_COVERS_DEV
+import importlib.metadata as m, sys
+from packaging.requirements import Requirement
+todo, seen, missing = [("quantlab", "dev")], set(), []
+while todo:
+    name, extra = todo.pop()
+    seen.add((name, extra))
+    for r in map(Requirement, m.requires(name) or ()):
+        if r.marker and not r.marker.evaluate({"extra": extra}):
+            continue
+        try:
+            have = m.version(r.name)
+        except m.PackageNotFoundError:
+            have = None
+        if have is None or not r.specifier.contains(have, prereleases=True):
+            missing.append(f"{r} (installed: {have})")
+        todo += [(r.name, e) for e in r.extras if (r.name, e) not in seen]
+if missing:
+    sys.exit("not in the lock, run make lock: " + "; ".join(missing))
+endef
+export TORCH_NEEDS_TRITON LOCK_COVERS_DEV
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_FILE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifneq ($(strip $(TORCH)),)
@@ -49,6 +75,7 @@ endif
 	$(PY) -m pip install -q --require-hashes -r $(VENV)/lock.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
+	$(PY) -c "$$LOCK_COVERS_DEV"
 	touch $(STAMP)
 
 # Rewritten only when TORCH changes, so that a new TORCH reinstalls and the same one does not.
