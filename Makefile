@@ -91,11 +91,16 @@ compare: $(STAMP)
 # Idle OpenMP threads that busy-wait slow every other process on a small machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
+# The unit tests, then every chapter through nbval (tests/nbval, generated from notebooks/ by
+# scripts/nbval_notebooks.py): a chapter fails on any error, its assert cells included, and on a
+# `# NBVAL_CHECK_OUTPUT` cell whose printout differs from the stored one. --dist loadfile keeps
+# each chapter's cells on one worker, in order.
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-sanitize-with tests/nbval/sanitize.cfg tests/nbval
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check quantlab tests
+	$(VENV)/bin/ruff check quantlab tests scripts
 
 book: $(STAMP)
 	PYTHON=$(PY) scripts/build_book.sh

@@ -36,7 +36,8 @@ def test_chapters_exist():
 def test_nbval_notebook_in_step(path):
     """tests/nbval holds each chapter's code as it is now, with a stored checked output."""
     problem = NBVAL.out_of_step(path)
-    assert problem is None, f"{problem}: run python scripts/nbval_notebooks.py update {path.stem[:2]}"
+    assert problem is None, (f"{problem}: run python scripts/nbval_notebooks.py update "
+                             f"{path.stem[:2]}")
 
 
 def test_nbval_sees_the_checked_cells():
