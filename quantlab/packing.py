@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from quantlab.quantize import QuantizedTensor
+from quantlab.scales import GGUF_Q4_0, GGUF_Q8_0, ScaleRule
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -26,14 +27,14 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def _check_gguf(q: QuantizedTensor, rule: str) -> None:
+def _check_gguf(q: QuantizedTensor, rule: ScaleRule) -> None:
     if q.scheme.scale_rule != rule:
         raise ValueError(f"expected a tensor quantized with {rule}, got {q.scheme.scale_rule}")
 
 
 def gguf_q8_0_blocks(q: QuantizedTensor) -> Tensor:
     """Q8_0 tensor -> (n_blocks, 34) uint8 exactly as ggml stores it, row-major over blocks."""
-    _check_gguf(q, "gguf_q8_0")
+    _check_gguf(q, GGUF_Q8_0)
     d = q.scales.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
     qs = q.codes.reshape(-1, 32).view(torch.uint8)
     return torch.cat([d, qs], dim=1)
@@ -41,7 +42,7 @@ def gguf_q8_0_blocks(q: QuantizedTensor) -> Tensor:
 
 def gguf_q4_0_blocks(q: QuantizedTensor) -> Tensor:
     """Q4_0 tensor -> (n_blocks, 18) uint8 exactly as ggml stores it, row-major over blocks."""
-    _check_gguf(q, "gguf_q4_0")
+    _check_gguf(q, GGUF_Q4_0)
     d = q.scales.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
     c = q.codes.reshape(-1, 32)
     qs = c[:, :16] | (c[:, 16:] << 4)

@@ -8,86 +8,85 @@ input activations. Presets carry the names vLLM and llm-compressor users know.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
-from quantlab.formats import SCALE_BITS, get_format
+from quantlab.formats import SCALE_BITS, Format, get_format
+from quantlab.granularity import GRANULARITIES, Granularity, get_granularity
+from quantlab.scales import ABSMAX, SCALE_RULES, ScaleRule, get_scale_rule
 
-GRANULARITIES = ("tensor", "channel", "token", "group", "block")
-# absmax: scale = amax / format max (asymmetric: (max - min) / (2**bits - 1) with a zero point).
-# mx_floor: OCP MX v1.0 6.3, X = 2**(floor(log2 amax) - emax_elem);
-# mx_rceil: 2**ceil(log2(amax / max)).
-# nvfp4: fp32 global = amax(tensor) / (448 * 6), E4M3 block scale = amax(block) / 6 / global.
-# gguf_q8_0 / gguf_q4_0: llama.cpp's reference quantizers (ggml-quants.c), reproduced op for op.
-SCALE_RULES = ("absmax", "mx_floor", "mx_rceil", "nvfp4", "gguf_q8_0", "gguf_q4_0")
+__all__ = ["GRANULARITIES", "PRESETS", "SCALE_RULES", "Scheme", "TensorScheme", "get_scheme"]
 
 
 @dataclass(frozen=True)
 class TensorScheme:
     """How one tensor is quantized.
 
-    format: element format name (quantlab.formats). granularity: "tensor" (one scale),
-    "channel" / "token" (one scale per row of a (..., K) tensor: output channel of a weight,
-    token of an activation), "group" (group_size consecutive elements along the last dim),
-    "block" (block=(rows, cols) tiles of a 2-D tensor; edge tiles may be partial).
-    scale_format: "fp32", "fp16", "bf16", "e4m3" or "e8m0"; scales are rounded to it before
-    the elements are computed, except where a scale rule says otherwise (gguf).
+    format: element format name (quantlab.formats); resolved once to `element`, the format
+    object. granularity: "tensor" (one scale), "channel" / "token" (one scale per row of a
+    (..., K) tensor: output channel of a weight, token of an activation), "group" (group_size
+    consecutive elements along the last dim), "block" (block=(rows, cols) tiles of a 2-D tensor;
+    edge tiles may be partial), or a quantlab.granularity object. scale_format: "fp32", "fp16",
+    "bf16", "e4m3" or "e8m0"; scales are rounded to it before the elements are computed, except
+    where a scale rule says otherwise (gguf). scale_rule: a name in SCALE_RULES or a
+    quantlab.scales object. Both are held resolved, as objects that equal their names.
     dynamic: activations only; True = scale computed from each input, False = static scale
     passed in (calibrated).
     """
 
     format: str
-    granularity: str
+    granularity: Granularity  # or its name
     group_size: int | None = None
     block: tuple[int, int] | None = None
     symmetric: bool = True
     scale_format: str = "fp32"
-    scale_rule: str = "absmax"
+    scale_rule: ScaleRule = ABSMAX  # or its name
     dynamic: bool = True
 
     def __post_init__(self):
-        fmt = get_format(self.format)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r}; use one of {GRANULARITIES}")
-        if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"scale_rule={self.scale_rule!r}; use one of {SCALE_RULES}")
+        element: Format = get_format(self.format)
+        gran = get_granularity(self.granularity, self.group_size, self.block)
+        rule = get_scale_rule(self.scale_rule, self.symmetric)
+        for name, value in (("element", element), ("granularity", gran), ("scale_rule", rule),
+                            ("group_size", gran.group_size), ("block", gran.block)):
+            object.__setattr__(self, name, value)
         if self.scale_format not in SCALE_BITS:
             raise ValueError(f"scale_format={self.scale_format!r}; use one of {tuple(SCALE_BITS)}")
-        if (self.granularity == "group") != (self.group_size is not None):
-            raise ValueError("group_size is set exactly when granularity='group'")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size={self.group_size} must be positive")
-        if (self.granularity == "block") != (self.block is not None):
-            raise ValueError("block=(rows, cols) is set exactly when granularity='block'")
-        if not self.symmetric and fmt.kind != "int":
+        if not self.symmetric and element.kind != "int":
             raise ValueError(f"asymmetric quantization needs an integer format, not {self.format}")
-        if not self.symmetric and fmt.signed:
+        if not self.symmetric and element.signed:
             raise ValueError(
                 f"asymmetric codes are unsigned: use u{self.format}, not {self.format}")
-        if self.symmetric and self.scale_rule == "absmax" and fmt.kind == "int" and not fmt.signed:
-            raise ValueError(
-                f"symmetric codes are signed: use {self.format[1:]}, not {self.format}")
-        if self.scale_rule.startswith("mx") and self.scale_format != "e8m0":
-            raise ValueError("MX scale rules produce E8M0 scales: set scale_format='e8m0'")
-        if self.scale_rule == "nvfp4" and (self.scale_format != "e4m3" or self.format != "e2m1"):
-            raise ValueError("the nvfp4 rule needs format='e2m1' and scale_format='e4m3'")
+        rule.validate(self)
+
+    def __repr__(self) -> str:  # the spelled names, as TensorScheme(...) is written
+        spelled = {"granularity": self.granularity.name, "scale_rule": self.scale_rule.name}
+        args = ", ".join(f"{f.name}={spelled.get(f.name, getattr(self, f.name))!r}"
+                         for f in fields(self))
+        return f"TensorScheme({args})"
 
     @property
     def element_bits(self) -> int:
-        return get_format(self.format).bits
+        return self.element.bits
 
     @property
     def scale_bits(self) -> int:
         return SCALE_BITS[self.scale_format]
 
+    def storage_bits(self, shape: tuple[int, ...]) -> int:
+        """Exact bits of a tensor of `shape` under this scheme: codes, scales, zero points and
+        the global scale, what quantize(x, self).storage_bits counts, without quantizing."""
+        n_scales = self.granularity.n_scales(shape)
+        bits = math.prod(shape) * self.element_bits + n_scales * self.scale_bits
+        if self.scale_rule.zero_points:
+            bits += n_scales * self.element_bits
+        return bits + self.scale_rule.global_scale_bits
+
     def describe(self) -> str:
-        where = {"tensor": "per tensor", "channel": "per channel", "token": "per token",
-                 "group": f"groups of {self.group_size}", "block": f"{self.block} blocks"}
         sym = "sym" if self.symmetric else "asym"
-        extra = {"nvfp4": " + fp32 global", "mx_rceil": " (RCEIL)", "mx_floor": " (FLOOR)",
-                 "gguf_q8_0": " (gguf Q8_0)", "gguf_q4_0": " (gguf Q4_0)"}.get(self.scale_rule, "")
         kind = "" if self.dynamic else ", static"
-        return (f"{self.format} {where[self.granularity]}, {self.scale_format} scale"
-                f"{extra}, {sym}{kind}")
+        return (f"{self.format} {self.granularity.describe()}, {self.scale_format} scale"
+                f"{self.scale_rule.suffix}, {sym}{kind}")
 
 
 @dataclass(frozen=True)

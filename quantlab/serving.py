@@ -47,7 +47,6 @@ Rules of thumb (not measurements) are marked as such where they are used.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -236,15 +235,9 @@ def layer_bits(scheme: str, N: int, K: int) -> int:
     """Exact storage bits of one (N, K) weight under a preset: codes, scales, zero points and the
     NVFP4 global scale, what quantize(w, scheme).storage_bits counts, without quantizing."""
     ts = get_scheme(scheme).weights
-    if ts.granularity == "group" and K % ts.group_size:
+    if ts.group_size and K % ts.group_size:
         raise ValueError(f"{scheme}: group_size={ts.group_size} does not divide K={K}")
-    n_scales = {"tensor": 1, "channel": N, "token": N,
-                "group": N * K // (ts.group_size or 1),
-                "block": math.prod(-(-d // b) for d, b in zip((N, K), ts.block or (1, 1),
-                                                               strict=True))}[ts.granularity]
-    bits = N * K * ts.element_bits + n_scales * ts.scale_bits
-    bits += 0 if ts.symmetric else n_scales * ts.element_bits
-    return bits + (32 if ts.scale_rule == "nvfp4" else 0)
+    return ts.storage_bits((N, K))
 
 
 def weight_bytes(model: str | ModelShape, fmt: str) -> dict[str, float]:

@@ -20,6 +20,7 @@ import torch
 
 from quantlab.deploy import recommend
 from quantlab.formats import get_format
+from quantlab.scales import ABSMAX, MX_FLOOR
 from quantlab.schemes import TensorScheme
 from quantlab.serving import GPUS, MODELS
 from quantlab.viz.book import _BookRenderer
@@ -101,7 +102,7 @@ def tensor_scheme(element: str, grouping: str, scale_format: str = "fp32") -> Te
     if scale_format == "e8m0" and get_format(element).kind != "float":
         raise ValueError(f"E8M0 (MX) scales need a minifloat element, not {element}; "
                          "pick e4m3, e2m3 or e2m1, or another scale format")
-    rule = "mx_floor" if scale_format == "e8m0" else "absmax"
+    rule = MX_FLOOR if scale_format == "e8m0" else ABSMAX
     return TensorScheme(element, gran, group_size=g, scale_format=scale_format, scale_rule=rule)
 
 

@@ -63,7 +63,7 @@ def search_clip(x: Tensor, w: Tensor, ts: TensorScheme, n_grid: int = 20, max_sh
     to +-r * amax, r in (1 - max_shrink, 1] chosen to minimize that group's output error
     sum_t (x_t,g . (w_g - Q(clip(w_g))))^2 (AWQ's auto_clip)."""
     N, K = w.shape
-    g = ts.group_size if ts.granularity == "group" else K
+    g = ts.granularity.group_size or K
     xg = x.float().reshape(len(x), K // g, g).transpose(0, 1)  # (G, n, g)
     wg = w.float().reshape(N, K // g, g)  # (N, G, g)
     amax = wg.abs().amax(-1, keepdim=True)

@@ -35,20 +35,13 @@ from quantlab.algorithms.calibration import (
     run_layer,
     static_act_scales,
 )
-from quantlab.formats import E4M3, get_format
+from quantlab.formats import E4M3
+from quantlab.granularity import Block
 from quantlab.layers import matches_any
 from quantlab.nn import QuantLinear, quantize_model
 from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor, dequantize, quantize
+from quantlab.scales import GGUF, NVFP4
 from quantlab.schemes import Scheme, TensorScheme, get_scheme
-
-
-def _group_width(ts: TensorScheme, K: int) -> int:
-    """Columns that share one scale along K: the group, the block's width, or all of K."""
-    if ts.granularity == "group":
-        return ts.group_size
-    if ts.granularity == "block":
-        return ts.block[1]
-    return K
 
 
 def _check(W: Tensor, H: Tensor, ts: TensorScheme) -> None:
@@ -56,10 +49,10 @@ def _check(W: Tensor, H: Tensor, ts: TensorScheme) -> None:
     if tuple(H.shape) != (K, K):
         raise ValueError(f"H has shape {tuple(H.shape)}; the weight ({N}, {K}) needs a ({K}, {K}) "
                          "Hessian: 2 X^T X of the layer's inputs X (n, K)")
-    if ts.scale_rule.startswith("gguf"):
+    if isinstance(ts.scale_rule, GGUF):
         raise ValueError(f"GPTQ here supports the absmax, MX and NVFP4 scale rules, not "
                          f"{ts.scale_rule}; quantize GGUF schemes with round to nearest")
-    if ts.granularity == "group" and K % ts.group_size:
+    if ts.group_size and K % ts.group_size:
         raise ValueError(f"group_size={ts.group_size} does not divide K={K}; pick a group size "
                          "that divides the layer's in_features, or a per-channel scheme")
 
@@ -73,7 +66,7 @@ def _fit_group(Wg: Tensor, ts: TensorScheme, glob: Tensor | None):
         return s, None, s.reshape(N), None
     qt = quantize(Wg, ts)
     s, zp = qt.scales, qt.zero_points
-    if ts.granularity == "block":
+    if isinstance(ts.granularity, Block):
         rows = s[:, 0].repeat_interleave(ts.block[0])[:N]
         return s, zp, rows, None
     rows = s.reshape(-1).expand(N) if s.numel() == 1 else s.reshape(N)
@@ -103,7 +96,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, scheme: Scheme | TensorScheme | str
     percdamp defaults to 0.1, as gptq() does (see there why not the paper's 0.01)."""
     ts = scheme if isinstance(scheme, TensorScheme) else get_scheme(scheme).weights
     _check(weight, H, ts)
-    fmt = get_format(ts.format)
+    fmt = ts.element
     N, K = weight.shape
     W = weight.detach().float().clone()
     H = H.detach().float().clone()
@@ -111,7 +104,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, scheme: Scheme | TensorScheme | str
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     glob = None
-    if ts.scale_rule == "nvfp4":
+    if ts.scale_rule == NVFP4:
         amax = W.abs().amax()
         glob = torch.where(amax == 0, torch.ones(()), amax / NVFP4_GLOBAL_DENOM)
 
@@ -125,7 +118,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, scheme: Scheme | TensorScheme | str
         raise ValueError(f"H + {percdamp} * mean(diag H) I is not positive definite: raise "
                          "percdamp (e.g. 0.1) or give more calibration tokens") from err
 
-    g = _group_width(ts, K)
+    g = ts.granularity.width(K)
     group_of = perm // g  # original scale group of each column, in processing order
     shape = tuple(quantize(torch.ones(N, K), ts).scales.shape)
     scales = torch.zeros(shape)
@@ -204,8 +197,8 @@ def gptq(model: nn.Module, scheme: Scheme | str, calib: Tensor, percdamp: float 
     check_calibration(calib)
     hidden, kwargs = first_layer_inputs(model, calib)
     act = scheme.activations
-    fmax = get_format(act.format).max if act is not None else 1.0
-    stackable = ts.granularity in ("channel", "token", "group") and ts.scale_rule != "nvfp4"
+    fmax = act.element.max if act is not None else 1.0
+    stackable = ts.granularity.per_row and not ts.scale_rule.global_scale_bits
     for index, layer in enumerate(layers):
         paths = {p.removesuffix(".linear"): p for p in layer_linears(layer)}
         prefix = f"model.layers.{index}."

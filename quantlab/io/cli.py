@@ -52,12 +52,13 @@ def cmd_export(args) -> int:
     from quantlab.io import gguf as gg
     from quantlab.io import verify
     from quantlab.nn import quantize_model
+    from quantlab.scales import NVFP4
     from quantlab.schemes import get_scheme
 
     scheme = get_scheme(args.scheme)
     model, tok, src, label = _load(args.model)
     needs_calib = (scheme.activations is not None and
-                   (not scheme.activations.dynamic or scheme.activations.scale_rule == "nvfp4"))
+                   (not scheme.activations.dynamic or scheme.activations.scale_rule == NVFP4))
     calib = _calib_ids(tok, args.calib_file, args.calib_tokens) if needs_calib else None
     base_params = {n: p.detach().to(DTYPES[args.dtype]).float() for n, p in
                    model.named_parameters()}
@@ -69,7 +70,7 @@ def cmd_export(args) -> int:
     if args.format == "gguf":
         out = Path(args.out)
         if out.suffix != ".gguf":
-            out = out / f"{label}-{gg.RULE_TO_TYPE.get(scheme.weights.scale_rule, 'X')}.gguf"
+            out = out / f"{label}-{scheme.weights.scale_rule.ggml_type or 'X'}.gguf"
         path = gg.export_gguf(qmodel, out, tok, name=label, overwrite=args.overwrite)
         size = path.stat().st_size
         print(f"Wrote {path} ({size:,} bytes, {size / 2**20:.2f} MiB): {scheme.name}, "

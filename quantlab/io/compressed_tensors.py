@@ -37,6 +37,7 @@ from quantlab.layers import matches
 from quantlab.nn import QuantLinear
 from quantlab.packing import pack_nibbles, unpack_nibbles
 from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor
+from quantlab.scales import NVFP4, Absmax
 from quantlab.schemes import PRESETS, Scheme, TensorScheme
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -51,18 +52,18 @@ STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 
 def weight_args(ts: TensorScheme) -> dict:
     """Our weight TensorScheme -> compressed-tensors QuantizationArgs as JSON (model_dump form)."""
-    if ts.format == "e2m1" and ts.scale_rule == "nvfp4":
+    if ts.scale_rule == NVFP4:
         return {"dynamic": False, "group_size": 16, "num_bits": 4,
                 "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group",
                 "symmetric": True, "type": "float"}
     kinds = {"e4m3": ("float", 8), "int8": ("int", 8), "int4": ("int", 4), "uint4": ("int", 4)}
-    if ts.format not in kinds or ts.scale_rule != "absmax":
+    if ts.format not in kinds or not isinstance(ts.scale_rule, Absmax):
         raise ValueError(f"{ts.describe()} has no compressed-tensors layout; export one of "
                          f"{', '.join(SUPPORTED)}, or use --format gguf for gguf_q8_0/gguf_q4_0")
     typ, bits = kinds[ts.format]
     args = {"dynamic": False, "group_size": ts.group_size, "num_bits": bits,
-            "strategy": ts.granularity, "symmetric": ts.symmetric, "type": typ}
-    if ts.granularity == "block":
+            "strategy": ts.granularity.name, "symmetric": ts.symmetric, "type": typ}
+    if ts.block is not None:
         args["block_structure"] = list(ts.block)
     return args
 
@@ -70,24 +71,24 @@ def weight_args(ts: TensorScheme) -> dict:
 def activation_args(ts: TensorScheme | None) -> dict | None:
     if ts is None:
         return None
-    if ts.format == "e2m1" and ts.scale_rule == "nvfp4":
+    if ts.scale_rule == NVFP4:
         # dynamic "local": per-block scales from each input, global scale calibrated (static).
         return {"dynamic": "local", "group_size": 16, "num_bits": 4,
                 "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group",
                 "symmetric": True, "type": "float"}
     kinds = {"e4m3": ("float", 8), "int8": ("int", 8)}
-    if ts.format not in kinds or ts.scale_rule != "absmax" or not ts.symmetric:
+    if ts.format not in kinds or not isinstance(ts.scale_rule, Absmax) or not ts.symmetric:
         raise ValueError(f"activations {ts.describe()} have no compressed-tensors layout; export "
                          f"one of {', '.join(SUPPORTED)}")
     typ, bits = kinds[ts.format]
     return {"dynamic": ts.dynamic, "group_size": ts.group_size, "num_bits": bits,
-            "strategy": ts.granularity, "symmetric": True, "type": typ}
+            "strategy": ts.granularity.name, "symmetric": True, "type": typ}
 
 
 def compression_format(scheme: Scheme) -> str:
     """The compressed-tensors format llm-compressor infers for a scheme (infer_model_format)."""
     w = scheme.weights
-    if w.scale_rule == "nvfp4":
+    if w.scale_rule == NVFP4:
         return "nvfp4-pack-quantized"
     if w.format == "e4m3":
         return "float-quantized"
@@ -169,7 +170,7 @@ def layer_tensors(q: QuantizedTensor, dtype: torch.dtype, fmt: str) -> dict[str,
     ts = q.scheme
     if len(q.shape) != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(q.shape)}")
-    if ts.scale_rule == "nvfp4":
+    if ts.scale_rule == NVFP4:
         return {"weight_packed": pack_nibbles(q.codes),
                 "weight_scale": q.scales.to(torch.float8_e4m3fn),
                 "weight_global_scale": nvfp4_divisor(q.global_scale)}
@@ -258,7 +259,7 @@ def model_tensors(model: nn.Module, dtype: torch.dtype,
         if m.input_scale is not None:
             out[f"{name}.input_scale"] = m.input_scale.float().reshape(1)
         act = m.scheme.activations
-        if act is not None and act.scale_rule == "nvfp4":
+        if act is not None and act.scale_rule == NVFP4:
             if not input_global_scales or name not in input_global_scales:
                 raise ValueError(
                     f"{name}: {m.scheme.name} (W4A4) needs a calibrated input_global_scale "
@@ -276,7 +277,7 @@ def calibrate_input_global_scales(model: nn.Module, ids: Tensor) -> dict[str, Te
     from quantlab.algorithms.calibration import capture_linear_io
 
     names = [n for n, m in quantized_layers(model).items()
-             if m.scheme.activations is not None and m.scheme.activations.scale_rule == "nvfp4"]
+             if m.scheme.activations is not None and m.scheme.activations.scale_rule == NVFP4]
     acts = capture_linear_io(model, names, ids)
     return {n: NVFP4_GLOBAL_DENOM / a.abs().amax().clamp(min=1e-12) for n, a in acts.items()}
 
@@ -316,7 +317,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
 def vllm_serve_command(out: str | Path, scheme: Scheme | None = None) -> str:
     """The command line that serves an exported directory with vLLM."""
     line = f"vllm serve {out} --quantization compressed-tensors"
-    if scheme is not None and scheme.weights.scale_rule == "nvfp4":
+    if scheme is not None and scheme.weights.scale_rule == NVFP4:
         line += "  # NVFP4 kernels need Blackwell (sm100); Hopper falls back to emulation or Marlin"
     return line
 
@@ -397,16 +398,10 @@ def _expect(mod: str, what: str, t: Tensor | None, shape=None, dtype=None) -> Te
     return t
 
 
-def _scale_shape(ts: TensorScheme, N: int, K: int) -> tuple[int, ...]:
-    if ts.granularity == "tensor":
-        return (1,)
-    if ts.granularity == "channel":
-        return (N, 1)
-    if ts.granularity == "group":
-        if K % ts.group_size:
-            raise ValueError(f"group_size {ts.group_size} does not divide K={K}")
-        return (N, K // ts.group_size)
-    return (-(-N // ts.block[0]), -(-K // ts.block[1]))
+def _scale_shape(ts: TensorScheme, shape: tuple[int, int]) -> tuple[int, ...]:
+    """The stored weight_scale's shape: the granularity's, one value per tensor as (1,)."""
+    ts.granularity.check(shape)
+    return ts.granularity.scale_shape(shape) or (1,)
 
 
 def _scale_format(t: Tensor) -> str:
@@ -416,7 +411,7 @@ def _scale_format(t: Tensor) -> str:
 def decode_layer(mod: str, local: dict[str, Tensor], wargs: dict, fmt: str) -> QuantizedTensor:
     """One layer's compressed-tensors tensors (local names) -> QuantizedTensor."""
     ts = scheme_from_args(wargs)
-    if ts.scale_rule == "nvfp4":
+    if ts.scale_rule == NVFP4:
         packed = _expect(mod, "weight_packed", local.get("weight_packed"), dtype=torch.uint8)
         N, K = packed.shape[0], packed.shape[1] * 2
         scale = _expect(mod, "weight_scale", local.get("weight_scale"), (N, K // 16),
@@ -436,7 +431,7 @@ def decode_layer(mod: str, local: dict[str, Tensor], wargs: dict, fmt: str) -> Q
                          torch.int32)
         u = unpack_int32(packed, bits, K)
         codes = (u.to(torch.int16) - (1 << (bits - 1))).to(torch.int8) if ts.symmetric else u
-        sshape = _scale_shape(ts, N, K)
+        sshape = _scale_shape(ts, (N, K))
         scale = _expect(mod, "weight_scale", local.get("weight_scale"), sshape)
         zp = None
         if not ts.symmetric:
@@ -452,11 +447,11 @@ def decode_layer(mod: str, local: dict[str, Tensor], wargs: dict, fmt: str) -> Q
             raise ValueError(f"{mod}.weight has shape {tuple(w.shape)}, expected 2-D")
         N, K = w.shape
         codes = w.view(torch.uint8) if ts.format == "e4m3" else w
-        scale = _expect(mod, "weight_scale", local.get("weight_scale"), _scale_shape(ts, N, K))
+        scale = _expect(mod, "weight_scale", local.get("weight_scale"), _scale_shape(ts, (N, K)))
         zp = None
     ts = TensorScheme(ts.format, ts.granularity, ts.group_size, ts.block, ts.symmetric,
                       _scale_format(scale), ts.scale_rule)
-    s = scale.float().reshape(()) if ts.granularity == "tensor" else scale.float()
+    s = scale.float().reshape(ts.granularity.scale_shape((N, K)))
     return QuantizedTensor(codes.contiguous(), s, ts, torch.Size((N, K)), torch.float32, zp)
 
 

@@ -37,7 +37,6 @@ def _gguf():
     return gguf
 
 
-RULE_TO_TYPE = {"gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
 FILE_TYPE = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
 
 
@@ -158,7 +157,7 @@ def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, str]]:
         heads = _rope_heads(mod_name, cfg)
         if isinstance(mod, QuantLinear):
             q = mod.qweight
-            qtype = RULE_TO_TYPE.get(q.scheme.scale_rule)
+            qtype = q.scheme.scale_rule.ggml_type
             if qtype is None:
                 raise ValueError(f"{mod_name} is quantized with {mod.scheme.name}, which GGUF "
                                  "cannot store; quantize with gguf_q8_0 or gguf_q4_0")

@@ -27,6 +27,7 @@ from quantlab.kernels._runtime import (
     pick_config,
 )
 from quantlab.kernels.w4a16 import ACT_DTYPES, pack_words, unpack_words
+from quantlab.scales import MX, NVFP4
 
 KINDS = {"mxfp4": 32, "nvfp4": 16}
 
@@ -60,7 +61,8 @@ class Fp4Weight:
 def pack_fp4(q) -> Fp4Weight:
     """A 2-D QuantizedTensor of scheme mxfp4 / nvfp4 (weights) -> Fp4Weight."""
     ts = q.scheme
-    kind = {"mx_floor": "mxfp4", "mx_rceil": "mxfp4", "nvfp4": "nvfp4"}.get(ts.scale_rule)
+    kind = "nvfp4" if ts.scale_rule == NVFP4 else "mxfp4" if isinstance(ts.scale_rule, MX) \
+        else None
     if ts.format != "e2m1" or kind is None or q.codes.ndim != 2:
         raise ValueError(f"need a 2-D MXFP4 or NVFP4 tensor, got {ts.describe()}")
     N, K = q.codes.shape

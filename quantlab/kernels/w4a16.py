@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quantlab.granularity import Group
 from quantlab.kernels._runtime import (
     check_contiguous,
     check_device,
@@ -133,7 +134,8 @@ def unpack_int4(w: Int4Weight) -> tuple[Tensor, Tensor, Tensor | None]:
 def from_quantized(q) -> Int4Weight:
     """A quantlab QuantizedTensor of scheme w4a16 / w4a16_asym (2-D) -> Int4Weight."""
     ts = q.scheme
-    if ts.format not in ("int4", "uint4") or ts.granularity != "group" or q.codes.ndim != 2:
+    if (ts.format not in ("int4", "uint4") or not isinstance(ts.granularity, Group)
+            or q.codes.ndim != 2):
         raise ValueError(f"need a 2-D int4/uint4 group-quantized tensor, got {ts.describe()}")
     return pack_int4(q.codes, q.scales, ts.group_size, q.zero_points)
 
