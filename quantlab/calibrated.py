@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from quantlab.algorithms import gptq_quantize
-from quantlab.eval.lm import next_token_logprobs as reference_logprobs  # noqa: F401
 from quantlab.eval.metrics import sqnr_db
 from quantlab.quantize import fake_quantize
 from quantlab.schemes import TensorScheme
@@ -251,32 +250,12 @@ def salient_rows(layers: dict[str, tuple[Tensor, Tensor, Tensor]], ts: TensorSch
 
 # --- 4. The whole model -------------------------------------------------------------------------
 
-def reference_nll(ref_lp: Tensor, windows: Tensor) -> Tensor:
-    """ref_lp (B, T, V) log-probs, windows (B, T) -> the model's mean NLL per window (B,)
-    float64, over tokens 1..T-1 (nats)."""
-    return -ref_lp[:, :-1].gather(-1, windows[:, 1:, None])[..., 0].double().mean(-1)
-
-
-@torch.inference_mode()
-def window_scores(ref_lp: Tensor, model: nn.Module, windows: Tensor, batch_size: int = 8
-                  ) -> dict[str, Tensor]:
-    """Per window (B,) float64: kl = mean over its T positions of KL(P_ref || P_model) in nats
-    (quantlab.eval.next_token_kl's terms), nll = mean negative log-likelihood of tokens 1..T-1
-    in nats (quantlab.compare.mean_nll's terms)."""
-    kl, nll = [], []
-    for i, b in enumerate(windows.split(batch_size)):
-        lp = torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1)
-        ref = ref_lp[i * batch_size: i * batch_size + len(b)]
-        kl.append((ref.exp() * (ref - lp)).sum(-1).double().mean(-1))
-        nll.append(reference_nll(lp, b))
-    return {"kl": torch.cat(kl), "nll": torch.cat(nll)}
-
-
 def summary_rows(scores: dict[tuple[str, str], dict[str, Tensor]], base_nll: Tensor,
                  baseline: str = "RTN") -> list[dict]:
-    """scores: (scheme, algorithm) -> window_scores; base_nll (B,): the float model's. One row
-    each: KL (nats/token), perplexity and its increase, and the paired difference from the same
-    scheme's `baseline` algorithm in KL and in NLL with its standard error over the B windows."""
+    """scores: (scheme, algorithm) -> quantlab.eval.window_scores (per-window KL and NLL, (B,));
+    base_nll (B,): the float model's quantlab.eval.window_nll. One row each: KL (nats/token),
+    perplexity and its increase, and the paired difference from the same scheme's `baseline`
+    algorithm in KL and in NLL with its standard error over the B windows."""
     rows = []
     ppl0 = math.exp(float(base_nll.mean()))
     for (scheme, algo), s in scores.items():

@@ -11,12 +11,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from quantlab.algorithms.calibration import static_act_scales
-from quantlab.eval.lm import layer_errors, next_token_kl
-from quantlab.nn import QuantLinear, model_size_bytes, quantize_model
+from quantlab.algorithms.calibration import rtn
+from quantlab.eval.lm import layer_errors, mean_nll, next_token_kl, token_windows
+from quantlab.nn import bits_per_weight, model_size_bytes
 from quantlab.schemes import Scheme, get_scheme
 
 
@@ -33,34 +32,6 @@ class CompareRow:
     worst_output_sqnr_db: float
     seconds: float
     layers: list[dict] = field(default_factory=list, repr=False)
-
-
-def token_windows(tokenizer, text: str, seq_len: int, n_tokens: int) -> Tensor:
-    """The first n_tokens tokens of text as (n_tokens // seq_len, seq_len) int64 windows."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:n_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-                         "give a longer text or a smaller seq_len")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-@torch.inference_mode()
-def mean_nll(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
-    """Mean next-token negative log-likelihood (nats) over every window."""
-    total, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-            reduction="sum"))
-        count += batch[:, 1:].numel()
-    return total / count
-
-
-def rtn(model: nn.Module, scheme: Scheme, calib: Tensor) -> nn.Module:
-    """Round to nearest: every linear layer quantized on its own, no calibration for weights."""
-    return quantize_model(model, scheme, act_scales=static_act_scales(model, scheme, calib))
 
 
 def _algorithms() -> dict:
@@ -81,10 +52,11 @@ def algorithm_names() -> list[str]:
 
 
 def compare(model: nn.Module, tokenizer, eval_text: str, calib_text: str,
-            schemes: list[str], algorithms: list[str] = ("rtn",), seq_len: int = 256,
+            schemes: list[str | Scheme], algorithms: list[str] = ("rtn",), seq_len: int = 256,
             eval_tokens: int = 8192, calib_tokens: int = 1024, kl_tokens: int = 2048,
             log=print) -> tuple[dict, list[CompareRow]]:
-    """Run every (scheme, algorithm) on a copy of `model`. Returns (baseline dict, rows)."""
+    """Run every (scheme, algorithm) on a copy of `model`. Returns (baseline dict, rows).
+    schemes: preset names or Scheme objects (the CLI passes them resolved)."""
     for a in algorithms:
         if a not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {a!r}; known: {', '.join(ALGORITHMS)}")
@@ -106,10 +78,8 @@ def compare(model: nn.Module, tokenizer, eval_text: str, calib_text: str,
             layers = layer_errors(model, qmodel, calib[:2]) if algo in SAME_FLOAT_WEIGHTS else []
             worst = min(layers, key=lambda r: r["output_sqnr_db"]) if layers else \
                 {"layer": "n/a (weights transformed)", "output_sqnr_db": math.nan}
-            qlayers = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
-            bits = sum(m.qweight.storage_bits for m in qlayers)
-            numel = sum(m.qweight.numel for m in qlayers)
-            row = CompareRow(scheme.name, algo, bits / numel, model_size_bytes(qmodel) / 2**20,
+            row = CompareRow(scheme.name, algo, bits_per_weight(qmodel),
+                             model_size_bytes(qmodel) / 2**20,
                              ppl, ppl - base_ppl, kl, worst["layer"], worst["output_sqnr_db"],
                              time.perf_counter() - t0, layers)
             rows.append(row)

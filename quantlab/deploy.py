@@ -17,6 +17,7 @@ Rules of thumb (not measurements) are marked as such where they are used.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -45,19 +46,29 @@ NOISE_PCT = 0.25  # perplexity changes below this are noise at 2048 eval tokens.
 
 def measure_costs(schemes=FORMATS[1:], eval_tokens: int = 2048, calib_tokens: int = 256,
                   log=None) -> dict:
-    """Run quantlab.compare (round to nearest) on the embedded stdlib-llama. Returns {baseline
-    perplexity, rows: {scheme: {bits_per_weight, perplexity, ppl_increase_pct, kl}}}."""
-    from quantlab import compare as cmp
+    """Round to nearest on the embedded stdlib-llama, measured as quantlab.compare measures it
+    (256-token windows, KL on the first). Returns {baseline perplexity, eval_tokens,
+    rows: {scheme: {bits_per_weight, perplexity, ppl_increase_pct, kl}}}."""
     from quantlab import models
+    from quantlab.algorithms.calibration import rtn
+    from quantlab.eval.lm import mean_nll, next_token_kl, token_windows
+    from quantlab.nn import bits_per_weight
+    from quantlab.schemes import get_scheme
 
     model, tok = models.load_causal_lm()
-    base, rows = cmp.compare(model, tok, models.eval_text(), models.calib_text(), list(schemes),
-                             eval_tokens=eval_tokens, calib_tokens=calib_tokens,
-                             kl_tokens=256, log=log)
-    p = base["perplexity"]
-    return {"perplexity": p, "eval_tokens": base["eval_tokens"], "rows": {
-        r.scheme: {"bits_per_weight": r.bits_per_weight, "perplexity": r.perplexity,
-                   "ppl_increase_pct": 100 * r.delta_ppl / p, "kl": r.kl} for r in rows}}
+    windows = token_windows(tok, models.eval_text(), 256, eval_tokens)
+    calib = token_windows(tok, models.calib_text(), 256, calib_tokens)
+    p = math.exp(mean_nll(model, windows))
+    rows = {}
+    for scheme in [get_scheme(s) for s in schemes]:
+        q = rtn(copy.deepcopy(model), scheme, calib)
+        ppl = math.exp(mean_nll(q, windows))
+        rows[scheme.name] = {"bits_per_weight": bits_per_weight(q), "perplexity": ppl,
+                             "ppl_increase_pct": 100 * (ppl - p) / p,
+                             "kl": next_token_kl(model, q, windows[:1])}
+        if log:
+            log(f"  {scheme.name:<14} ppl {ppl:8.3f}")
+    return {"perplexity": p, "eval_tokens": windows.numel(), "rows": rows}
 
 
 def kv_costs(path: str | Path | None = None) -> dict[str, float]:

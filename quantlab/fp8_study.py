@@ -8,7 +8,8 @@ Five questions, one block of functions each:
   (`calibration_rows`, `static_sweep`, `flat_range`);
 - who shares a scale, layer by layer on a real model (`layer_sqnr_rows`, `max_energy_share`);
 - E4M3 against E5M2 on activation- and gradient-like ranges (`output_grads`, `range_row`);
-- the whole model: perplexity, KL and top-1 agreement (`reference_logprobs`, `lm_metrics`).
+- the whole model: perplexity, KL and top-1 agreement (`quantized_copy`, scored with
+  quantlab.eval's `next_token_logprobs` and `lm_metrics`).
 Every tensor here is float32 on the CPU; SQNRs are in dB, KL in nats per token.
 """
 
@@ -20,7 +21,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from quantlab.eval.lm import next_token_logprobs as reference_logprobs
 from quantlab.eval.metrics import sqnr_db
 from quantlab.formats import get_format
 from quantlab.nn import quantize_model
@@ -320,21 +320,6 @@ def format_rows(formats: tuple[str, ...] = ("e4m3", "e5m2")) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The whole model.
 # ---------------------------------------------------------------------------------------------
-
-
-def metrics_from_logprobs(lp: Tensor, windows: Tensor, ref_lp: Tensor) -> dict:
-    """lp, ref_lp (B, T, vocab) log-probs of windows (B, T): perplexity of the next tokens
-    (positions 0..T-2 predict 1..T-1), mean KL(P_ref || P) in nats per position (every position)
-    and the share of positions whose top-1 token matches the reference's."""
-    nll = -lp[:, :-1].gather(-1, windows[:, 1:, None]).mean()
-    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean()
-    top1 = (lp.argmax(-1) == ref_lp.argmax(-1)).float().mean()
-    return {"perplexity": math.exp(float(nll)), "kl": float(kl), "top1_agreement": float(top1)}
-
-
-def lm_metrics(model: nn.Module, windows: Tensor, ref_lp: Tensor, batch_size: int = 8) -> dict:
-    """metrics_from_logprobs of model's own log-probs on windows (B, T) against ref_lp."""
-    return metrics_from_logprobs(reference_logprobs(model, windows, batch_size), windows, ref_lp)
 
 
 def quantized_copy(model: nn.Module, scheme: str | Scheme,

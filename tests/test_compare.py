@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from quantlab.compare import compare, static_act_scales, token_windows
+from quantlab.algorithms.calibration import static_act_scales
+from quantlab.compare import compare
+from quantlab.eval import token_windows
 from quantlab.schemes import get_scheme
 from quantlab.viz import html_report, layer_sqnr_heatmap, perplexity_vs_bits
 from tests.test_nn import tiny_llama

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantlab import fp8_study as fs
 from quantlab import get_scheme, viz
-from quantlab.eval import sqnr_db
+from quantlab.eval import lm_metrics, next_token_logprobs, sqnr_db
 from quantlab.nn import QuantLinear
 from quantlab.quantize import fake_quantize
 
@@ -171,17 +171,6 @@ def test_format_rows():
     assert rows["e5m2"]["relative step"] == 0.25
 
 
-def test_metrics_from_logprobs():
-    windows = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
-    uniform = torch.full((2, 8, 16), -math.log(16))
-    m = fs.metrics_from_logprobs(uniform, windows, uniform)
-    assert m["perplexity"] == pytest.approx(16) and m["kl"] == pytest.approx(0, abs=1e-6)
-    assert m["top1_agreement"] == 1.0
-    sharp = torch.log_softmax(randn(2, 8, 16, seed=1) * 5, -1)
-    m2 = fs.metrics_from_logprobs(uniform, windows, sharp)
-    assert m2["kl"] > 0.5 and m2["top1_agreement"] < 0.5
-
-
 def test_output_grads_and_lm_metrics_on_a_tiny_llama():
     model = tiny_llama()
     windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -191,13 +180,13 @@ def test_output_grads_and_lm_metrics_on_a_tiny_llama():
     assert torch.all(rows[:, -1] == 0)  # the last position predicts nothing
     assert rows.sum(-1).abs().max() < 1e-6  # (softmax - onehot) / n sums to 0
     assert all(p.grad is None for p in model.parameters())  # left clean
-    ref = fs.reference_logprobs(model, windows)
-    base = fs.lm_metrics(model, windows, ref)
+    ref = next_token_logprobs(model, windows)
+    base = lm_metrics(model, windows, ref)
     assert base["kl"] == pytest.approx(0, abs=1e-6) and base["top1_agreement"] == 1.0
     q = fs.quantized_copy(model, "fp8_dynamic")
     assert isinstance(q.model.layers[0].mlp.down_proj, QuantLinear)
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)  # original kept
-    assert 0 < fs.lm_metrics(q, windows, ref)["kl"] < 0.01
+    assert 0 < lm_metrics(q, windows, ref)["kl"] < 0.01
 
 
 def test_quantized_copy_multiplies_static_scales():

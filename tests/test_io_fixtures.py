@@ -52,7 +52,7 @@ def calib_ids(tiny):
 
 
 def quantized(tiny, calib_ids, scheme):
-    from quantlab.compare import static_act_scales
+    from quantlab.algorithms.calibration import static_act_scales
     from quantlab.nn import quantize_model
     from quantlab.schemes import get_scheme
 

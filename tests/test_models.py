@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from quantlab import models
+from quantlab.eval import perplexity, score_text
 
 # Measured on the shipped weights (CPU, float32, seq_len=256): perplexity 15.21 on the first
 # 4096 tokens of eval.txt and 16.98 on all of it. A uniform guess over the vocabulary scores 4096.
@@ -44,7 +45,7 @@ def test_embedded_lm_has_the_shapes_quantization_relies_on(lm):
 
 def test_embedded_lm_predicts_held_out_code(lm):
     model, tokenizer = lm
-    score = models.score_text(model, tokenizer, models.eval_text(), seq_len=256, max_tokens=4096)
+    score = score_text(model, tokenizer, models.eval_text(), seq_len=256, max_tokens=4096)
     assert (score.n_tokens, score.n_predicted) == (4096, 16 * 255)
     assert score.perplexity < PPL_4096_MAX
     uniform_bpb = math.log2(len(tokenizer)) * score.n_tokens / score.n_bytes
@@ -57,7 +58,7 @@ def test_perplexity_agrees_with_transformers_loss(lm):
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :200]
     with torch.no_grad():
         hf_loss = float(model(input_ids=ids, labels=ids).loss)  # mean over the 199 predicted tokens
-    ppl = models.perplexity(model, tokenizer, text, seq_len=200, max_tokens=200)
+    ppl = perplexity(model, tokenizer, text, seq_len=200, max_tokens=200)
     assert ppl == pytest.approx(math.exp(hf_loss), rel=1e-5)
 
 
@@ -65,10 +66,10 @@ def test_score_text_counts_windows_tail_and_bytes(lm):
     model, tokenizer = lm
     text = models.eval_text()[:3000]
     n = len(tokenizer(text, add_special_tokens=False).input_ids)
-    score = models.score_text(model, tokenizer, text, seq_len=64)
+    score = score_text(model, tokenizer, text, seq_len=64)
     assert score.n_tokens == n and score.n_bytes == len(text.encode())
     assert score.n_predicted == (n // 64) * 63 + max(0, n % 64 - 1)
-    cut = models.score_text(model, tokenizer, text, seq_len=64, max_tokens=100)
+    cut = score_text(model, tokenizer, text, seq_len=64, max_tokens=100)
     ids = tokenizer(text, add_special_tokens=False).input_ids[:100]
     assert cut.n_bytes == len(tokenizer.decode(ids).encode()) < score.n_bytes
 
@@ -76,9 +77,9 @@ def test_score_text_counts_windows_tail_and_bytes(lm):
 def test_score_text_rejects_what_it_cannot_score(lm):
     model, tokenizer = lm
     with pytest.raises(ValueError, match="seq_len=1"):
-        models.score_text(model, tokenizer, "x = 1\n", seq_len=1)
+        score_text(model, tokenizer, "x = 1\n", seq_len=1)
     with pytest.raises(ValueError, match="at least 2"):
-        models.score_text(model, tokenizer, "x")
+        score_text(model, tokenizer, "x")
 
 
 def test_generate_continues_a_prompt_deterministically(lm):

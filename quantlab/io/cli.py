@@ -28,7 +28,7 @@ def _load(model_arg: str | None):
 
 def _calib_ids(tok, calib_file: str | None, n_tokens: int) -> torch.Tensor:
     from quantlab import models
-    from quantlab.compare import token_windows
+    from quantlab.eval.lm import token_windows
 
     text = Path(calib_file).read_text() if calib_file else models.calib_text()
     return token_windows(tok, text, 256, n_tokens)
@@ -47,7 +47,7 @@ def _print_rows(rows: list[dict]) -> bool:
 
 
 def cmd_export(args) -> int:
-    from quantlab.compare import static_act_scales
+    from quantlab.algorithms.calibration import static_act_scales
     from quantlab.io import compressed_tensors as ct
     from quantlab.io import gguf as gg
     from quantlab.io import verify

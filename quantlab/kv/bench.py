@@ -22,20 +22,13 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from quantlab.bench import copy_bandwidth
 from quantlab.kv.attention import decode_attention, decode_attention_ref, sdpa_decode
 
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = (1024, 4096, 16384, 32768, 65536, 131072)
 BATCHES = (1, 4, 16, 64)
 CONFIGS = ((64, 4), (128, 4), (64, 8), (128, 8))  # (block_n, num_warps) searched per shape
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read plus written."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    return 2 * x.numel() / (ms * 1e-3)
 
 
 def make_cache(kind: str, B: int, T: int):

@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from quantlab.eval import sqnr_db
+from quantlab.eval import mean_nll, sqnr_db, token_windows
 from quantlab.kv.cache import QuantizedKVCache, QuantizedKVLayer
 from quantlab.kv.codecs import CODECS, get_codec
 
@@ -63,21 +63,21 @@ def calibrate_static_scales(model, ids: Tensor) -> list[tuple[float, float]]:
             for _, (_, k, v) in sorted(qkv.items())]
 
 
-@torch.inference_mode()
+def cached_logits(model, batch: Tensor, codec, chunk: int = 32, static_scales=None) -> Tensor:
+    """batch (B, T) -> logits (B, T, vocab) float32, read in chunks through a fresh cache of
+    `codec`, so every token attends to keys and values as the cache decodes them."""
+    cache = QuantizedKVCache(codec, config=model.config,
+                             static_scales=static_scales if get_codec(codec).static else None)
+    return torch.cat([model(input_ids=batch[:, i:i + chunk], past_key_values=cache,
+                            use_cache=True).logits.float()
+                      for i in range(0, batch.shape[1], chunk)], 1)
+
+
 def cache_nll(model, windows: Tensor, codec, chunk: int = 32, batch_size: int = 8,
               static_scales=None) -> float:
     """Mean next-token NLL (nats) over windows (N, T), each read in chunks through a fresh cache."""
-    total, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        cache = QuantizedKVCache(codec, config=model.config,
-                                 static_scales=static_scales if get_codec(codec).static else None)
-        logits = torch.cat([model(input_ids=batch[:, i:i + chunk], past_key_values=cache,
-                                  use_cache=True).logits.float()
-                            for i in range(0, batch.shape[1], chunk)], 1)
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                       batch[:, 1:].reshape(-1), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return total / count
+    forward = partial(cached_logits, codec=codec, chunk=chunk, static_scales=static_scales)
+    return mean_nll(model, windows, batch_size, forward)
 
 
 def _attention(q, k, v):
@@ -150,8 +150,7 @@ def evaluate(model=None, tokenizer=None, codecs=None, seq_len: int = 512, n_wind
         raise ValueError(f"eval text has {len(ids)} tokens, fewer than {n_windows} x {seq_len}")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     prompts = ids[-n_prompts * prompt_len:].view(n_prompts, prompt_len)
-    calib = torch.tensor(tokenizer(calib_text(), add_special_tokens=False)["input_ids"])
-    calib = calib[: 8 * seq_len].view(8, seq_len)
+    calib = token_windows(tokenizer, calib_text(), seq_len, 8 * seq_len)
     static = calibrate_static_scales(model, calib)
     qkv = capture_qkv(model, windows[:2])
     cfg = model.config
