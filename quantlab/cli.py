@@ -19,21 +19,24 @@ import torch
 
 from quantlab.formats import FORMATS
 from quantlab.report import compare_weights, format_table, linear_weights
-from quantlab.schemes import PRESETS, get_scheme
+from quantlab.schemes import PRESETS, Scheme, get_scheme
 
 
-def _scheme_list(arg: str | None) -> list[str]:
-    schemes = arg.split(",") if arg else list(PRESETS)
-    for s in schemes:
-        get_scheme(s)  # fail before any work on an unknown name
-    return schemes
+def _scheme_names(arg: str | None) -> list[str]:
+    return arg.split(",") if arg else list(PRESETS)
+
+
+def _schemes(arg: str | None) -> list[Scheme]:
+    """--schemes resolved here, once (an unknown name fails before any work); the jobs below
+    are handed the Scheme objects."""
+    return [get_scheme(s) for s in _scheme_names(arg)]
 
 
 def cmd_compare(args) -> int:
     from quantlab import compare as cmp
     from quantlab import models, viz
 
-    schemes = _scheme_list(args.schemes)
+    schemes = _schemes(args.schemes)
     algorithms = args.algorithms.split(",")
     model, tok = models.load_causal_lm(args.model)
     label = args.model or f"embedded {models.EMBEDDED_LM}"
@@ -85,7 +88,8 @@ def _weights(args) -> tuple[str, dict]:
 
 
 def cmd_weights(args) -> int:
-    schemes = _scheme_list(args.schemes)
+    _schemes(args.schemes)  # rows are labelled with the names as given
+    schemes = _scheme_names(args.schemes)
     source, weights = _weights(args)
     n = sum(w.numel() for w in weights.values())
     print(f"Weights: {source}: {len(weights)} tensors, {n:,} elements")

@@ -106,8 +106,8 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
     overrides: {pattern: scheme or None} for mixed precision; the first match wins, None = skip.
     act_scales: {layer name: static activation scale} for schemes with static activations.
     """
-    scheme = get_scheme(scheme)
-    overrides = overrides or {}
+    scheme = get_scheme(scheme)  # names resolved here, once: Scheme objects go down
+    overrides = {p: None if s is None else get_scheme(s) for p, s in (overrides or {}).items()}
     layers = linear_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize (GPT-2's "
@@ -116,7 +116,7 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
         chosen = scheme
         for pattern, s in overrides.items():
             if matches(name, pattern):
-                chosen = None if s is None else get_scheme(s)
+                chosen = s
                 break
         else:
             if any(matches(name, p) for p in ignore):

@@ -37,7 +37,8 @@ def round_scale(s: Tensor, scale_format: str) -> Tensor:
     if scale_format in ("fp16", "bf16"):
         dt = torch.float16 if scale_format == "fp16" else torch.bfloat16
         return s.to(dt).float()
-    return get_format(scale_format).decode(get_format(scale_format).encode(s))
+    fmt = get_format(scale_format)
+    return fmt.decode(fmt.encode(s))
 
 
 def _safe_div(x: Tensor, s: Tensor) -> Tensor:

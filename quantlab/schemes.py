@@ -59,6 +59,9 @@ class TensorScheme:
                 f"asymmetric codes are unsigned: use u{self.format}, not {self.format}")
         rule.validate(self)
 
+    def __deepcopy__(self, memo) -> TensorScheme:
+        return self  # immutable, and `element` is the formats module's own object
+
     def __repr__(self) -> str:  # the spelled names, as TensorScheme(...) is written
         spelled = {"granularity": self.granularity.name, "scale_rule": self.scale_rule.name}
         args = ", ".join(f"{f.name}={spelled.get(f.name, getattr(self, f.name))!r}"
