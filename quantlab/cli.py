@@ -4,7 +4,7 @@
     quantlab compare --model ID_OR_PATH --schemes w4a16,nvfp4 --algorithms rtn,gptq
     quantlab weights --source gaussian     # weight-tensor error only, on a 4096 x 4096 N(0, 1)
     quantlab formats                       # the element and scale formats, and the presets
-    quantlab export --scheme w4a16 --format compressed-tensors --out DIR   # a vLLM checkpoint
+    quantlab export --scheme w4a16 --to compressed-tensors --out DIR       # a vLLM checkpoint
     quantlab audit DIR --reference embedded                                # check a checkpoint
 """
 

@@ -102,7 +102,7 @@ def test_cli_export_and_audit(tiny, tmp_path, capsys):  # noqa: F811
     add_export_parser(sub)
     add_audit_parser(sub)
     args = p.parse_args(["export", "--model", str(tiny[2]), "--scheme", "gguf_q8_0",
-                         "--format", "gguf", "--out", str(tmp_path)])
+                         "--to", "gguf", "--out", str(tmp_path)])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "7 bit-exact" in out and "llama-server -m" in out
@@ -110,3 +110,23 @@ def test_cli_export_and_audit(tiny, tmp_path, capsys):  # noqa: F811
     args = p.parse_args(["audit", str(path), "--reference", str(tiny[2])])
     assert args.func(args) == 0
     assert "0 problem(s)." in capsys.readouterr().out
+
+
+def test_cli_export_format_is_a_deprecated_alias_of_to(capsys):
+    """--format (the old name) still picks the container for one release, with a note on stderr;
+    --to prints none, and --help lists only --to."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_export_parser(p.add_subparsers(dest="command"))
+    base = ["export", "--scheme", "gguf_q8_0", "--out", "x"]
+    assert p.parse_args(base).to == "compressed-tensors"
+    assert p.parse_args(base + ["--to", "gguf"]).to == "gguf"
+    assert capsys.readouterr().err == ""
+    assert p.parse_args(base + ["--format", "gguf"]).to == "gguf"
+    err = capsys.readouterr().err
+    assert "--format is deprecated" in err and "use --to gguf" in err
+    with pytest.raises(SystemExit):
+        p.parse_args(["export", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--to" in help_text and "--format" not in help_text

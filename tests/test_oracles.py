@@ -490,9 +490,9 @@ def compare_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def export_run(tmp_path_factory):
-    """`quantlab export --scheme w4a16 --format compressed-tensors`: (directory, stdout)."""
+    """`quantlab export --scheme w4a16 --to compressed-tensors`: (directory, stdout)."""
     out = tmp_path_factory.mktemp("exp") / "stdlib-llama-w4a16"
-    rc, text = _run_cli(["export", "--scheme", "w4a16", "--format", "compressed-tensors",
+    rc, text = _run_cli(["export", "--scheme", "w4a16", "--to", "compressed-tensors",
                          "--out", str(out)])
     assert rc == 0, text
     return out, text

@@ -1,18 +1,20 @@
 """`quantlab export` and `quantlab audit`, registered by quantlab.cli:
 
-    quantlab export --scheme w4a16 --format compressed-tensors --out out/stdlib-llama-w4a16
-    quantlab export --scheme gguf_q4_0 --format gguf --out out/          # out/<name>-Q4_0.gguf
+    quantlab export --scheme w4a16 --to compressed-tensors --out out/stdlib-llama-w4a16
+    quantlab export --scheme gguf_q4_0 --to gguf --out out/          # out/<name>-Q4_0.gguf
     quantlab audit out/stdlib-llama-w4a16 --reference embedded
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+CONTAINERS = ("compressed-tensors", "gguf")  # the checkpoint container `export --to` writes
 
 
 def _load(model_arg: str | None):
@@ -67,7 +69,7 @@ def cmd_export(args) -> int:
             p.copy_(base_params[n])
     act_scales = static_act_scales(model, scheme, calib) if calib is not None else None
     qmodel = quantize_model(model, scheme, act_scales=act_scales)
-    if args.format == "gguf":
+    if args.to == "gguf":
         out = Path(args.out)
         if out.suffix != ".gguf":
             out = out / f"{label}-{scheme.weights.scale_rule.ggml_type or 'X'}.gguf"
@@ -90,6 +92,15 @@ def cmd_export(args) -> int:
     return 0 if ok else 1
 
 
+class _DeprecatedFormat(argparse.Action):
+    """--format, the old name of --to: still works for one release, with a note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("quantlab export: --format is deprecated and will be removed in the next release; "
+              f"use --to {values}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
     from quantlab.io.compressed_tensors import SUPPORTED
 
@@ -98,7 +109,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
     e.add_argument("--scheme", required=True,
                    help=f"compressed-tensors: {', '.join(SUPPORTED)}; gguf: gguf_q8_0, gguf_q4_0")
-    e.add_argument("--format", choices=("compressed-tensors", "gguf"), default="compressed-tensors")
+    e.add_argument("--to", choices=CONTAINERS, default="compressed-tensors",
+                   help="checkpoint container: compressed-tensors (vLLM) or gguf (llama.cpp)")
+    e.add_argument("--format", dest="to", choices=CONTAINERS, action=_DeprecatedFormat,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.add_argument("--out", required=True, help="output directory (gguf: directory or .gguf)")
     e.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
                    help="dtype of the unquantized tensors (embeddings, norms, ignored layers)")
