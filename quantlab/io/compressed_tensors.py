@@ -210,11 +210,19 @@ def quantization_config(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("the model has no QuantLinear layers: run quantlab.nn.quantize_model "
                          "(model, scheme) first")
+    return quantization_config_for({n: m.scheme for n, m in layers.items()},
+                                   full_precision_linears(model))
+
+
+def quantization_config_for(schemes_by_layer: dict[str, Scheme], full_precision: list[str]
+                            ) -> dict:
+    """quantization_config from names alone: {quantized layer: its scheme} in module order and
+    the Linear layers left in full precision (what the layer-sequential exporter knows)."""
     by_scheme: dict[str, list[str]] = {}
     schemes: dict[str, Scheme] = {}
-    for name, m in layers.items():
-        by_scheme.setdefault(m.scheme.name, []).append(name)
-        schemes[m.scheme.name] = m.scheme
+    for name, s in schemes_by_layer.items():
+        by_scheme.setdefault(s.name, []).append(name)
+        schemes[s.name] = s
     formats = {compression_format(s) for s in schemes.values()}
     groups = {}
     for i, (sname, names) in enumerate(by_scheme.items()):
@@ -229,7 +237,7 @@ def quantization_config(model: nn.Module) -> dict:
     return {"config_groups": groups,
             "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "global_compression_ratio": None,
-            "ignore": full_precision_linears(model),
+            "ignore": list(full_precision),
             "kv_cache_scheme": None,
             "quant_method": "compressed-tensors",
             "quantization_status": "compressed",
@@ -296,22 +304,30 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
 
     qconfig = quantization_config(model)
     tensors = model_tensors(model, dtype, input_global_scales)
-    config = model.config.to_dict()
+    with atomic_output(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_config_and_tokenizer(tmp, model.config.to_dict(), dtype, qconfig, source_dir,
+                                   tokenizer)
+    return Path(out)
+
+
+def write_config_and_tokenizer(folder: Path, config: dict, dtype: torch.dtype, qconfig: dict,
+                               source_dir: str | Path | None = None, tokenizer=None) -> None:
+    """config.json (the model's config with dtype and quantization_config) and the tokenizer and
+    generation_config files (copied from source_dir, else tokenizer.save_pretrained)."""
+    config = dict(config)
     config["dtype"] = torch_dtype_name(dtype)
     config.pop("torch_dtype", None)
     config["quantization_config"] = qconfig
-    with atomic_output(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copied = False
-        if source_dir is not None:
-            for f in TOKENIZER_FILES:
-                if (Path(source_dir) / f).is_file():
-                    shutil.copy2(Path(source_dir) / f, tmp / f)
-                    copied = copied or f.startswith("tokenizer")
-        if tokenizer is not None and not copied:
-            tokenizer.save_pretrained(str(tmp))
-    return Path(out)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copied = False
+    if source_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (Path(source_dir) / f).is_file():
+                shutil.copy2(Path(source_dir) / f, folder / f)
+                copied = copied or f.startswith("tokenizer")
+    if tokenizer is not None and not copied:
+        tokenizer.save_pretrained(str(folder))
 
 
 def vllm_serve_command(out: str | Path, scheme: Scheme | None = None) -> str:
