@@ -18,11 +18,10 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import torch
 
-from quantlab.deploy import recommend
 from quantlab.formats import get_format
 from quantlab.scales import ABSMAX, MX_FLOOR
 from quantlab.schemes import TensorScheme
-from quantlab.serving import GPUS, MODELS
+from quantlab.studies.deploy import GPUS, MODELS, recommend
 from quantlab.viz.book import _BookRenderer
 from quantlab.viz.deploy import memory_figure
 from quantlab.viz.formats import _field_row, explain_code
@@ -137,8 +136,8 @@ BUDGETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def recommend_panel(costs: dict[str, float]) -> W.VBox:
-    """GPU, model, context, batch and budget -> quantlab.deploy.recommend's choice, its reasons
-    and the memory bars of the choice. costs: {format: %} (deploy.measure_costs rows)."""
+    """GPU, model, context, batch and budget -> quantlab.studies.deploy.recommend's choice, its
+    reasons and the memory bars of the choice. costs: {format: %} (deploy.measure_costs rows)."""
     gpu = W.Dropdown(options=list(GPUS), value="H100", description="GPU")
     model = W.Dropdown(options=list(MODELS), value="Llama-3-8B", description="model")
     ctx = W.SelectionSlider(options=list(CONTEXTS), value=8192, description="context")

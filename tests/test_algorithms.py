@@ -31,8 +31,8 @@ from quantlab.algorithms.calibration import collect_inputs
 from quantlab.eval import next_token_kl, token_windows
 from quantlab.models import calib_text, eval_text, load_causal_lm
 from quantlab.nn import QuantLinear, quantize_model
-from quantlab.outliers import plant_outlier_channels
 from quantlab.schemes import Scheme, TensorScheme
+from quantlab.studies.outliers import plant_outlier_channels
 
 W4_CHANNEL = Scheme("w4a16_channel", TensorScheme("int4", "channel"), None, "int4 per channel")
 W4A4_INT = Scheme("w4a4_int", TensorScheme("int4", "channel"), TensorScheme("int4", "token"),

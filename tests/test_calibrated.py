@@ -1,5 +1,5 @@
-"""quantlab.calibrated (chapter 4's measurements): the Hessian form of the output error equals
-the error measured on the inputs, the GPTQ replay reproduces GPTQ's own column loop, the AWQ
+"""quantlab.studies.calibrated (chapter 4's measurements): the Hessian form of the output error
+equals the error measured on the inputs, the GPTQ replay reproduces GPTQ's own column loop, the AWQ
 curve is the one search_scales minimizes, and the model scores match quantlab.eval's."""
 
 import copy
@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantlab import calibrated as C
 from quantlab import fake_quantize, viz
 from quantlab.algorithms import gptq_quantize, search_scales
 from quantlab.algorithms.calibration import capture_linear_io
 from quantlab.eval import next_token_logprobs, sqnr_db, window_nll, window_scores
 from quantlab.nn import quantize_model
 from quantlab.schemes import TensorScheme
+from quantlab.studies import calibrated as C
 
 INT4_CHANNEL = TensorScheme("int4", "channel")
 INT4_G16 = TensorScheme("int4", "group", group_size=16)

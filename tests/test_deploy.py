@@ -1,4 +1,4 @@
-"""quantlab.serving and quantlab.deploy: memory math on real shapes, the exact bit accounting,
+"""quantlab.studies.deploy: memory math on real shapes, the exact bit accounting,
 what vLLM serves where, the failure checks chapter 9 demonstrates, the recommender's choices and
 refusals, and their figures and panel."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import quantlab as ql
-from quantlab import deploy, serving, viz
+from quantlab import viz
 from quantlab.schemes import PRESETS
+from quantlab.studies import deploy
 
 # Measured by deploy.measure_costs() on stdlib-llama (2048 tokens); fixed here so the tests
 # check the recommender's logic, not the measurement.
@@ -25,19 +26,19 @@ def rec(*args, **kw):
 
 
 def test_kv_bytes_per_token_on_real_shapes():
-    assert serving.kv_bytes_per_token("Llama-3-8B") == 2 * 32 * 8 * 128 * 2 == 131072
-    assert serving.kv_bytes_per_token("Llama-3-8B", "fp8") == 65536
-    assert serving.kv_bytes_per_token("Llama-3-70B") == 2 * 80 * 8 * 128 * 2 == 327680
+    assert deploy.kv_bytes_per_token("Llama-3-8B") == 2 * 32 * 8 * 128 * 2 == 131072
+    assert deploy.kv_bytes_per_token("Llama-3-8B", "fp8") == 65536
+    assert deploy.kv_bytes_per_token("Llama-3-70B") == 2 * 80 * 8 * 128 * 2 == 327680
 
 
 def test_parameter_counts_follow_from_the_config():
-    assert serving.MODELS["Llama-3-8B"].n_params == 8_030_261_248  # Meta's published count
+    assert deploy.MODELS["Llama-3-8B"].n_params == 8_030_261_248  # Meta's published count
     from transformers import AutoConfig
 
     from quantlab.io.safetensors_io import read_safetensors_header
     from quantlab.models import embedded_lm_dir
 
-    shape = serving.ModelShape.from_config(AutoConfig.from_pretrained(embedded_lm_dir()), "e")
+    shape = deploy.ModelShape.from_config(AutoConfig.from_pretrained(embedded_lm_dir()), "e")
     header = read_safetensors_header(embedded_lm_dir() / "model.safetensors")
     assert shape.n_params == sum(math.prod(v["shape"]) for k, v in header.items()
                                  if k != "__metadata__")
@@ -48,23 +49,23 @@ def test_layer_bits_equals_quantize_storage_bits(name):
     g = torch.Generator().manual_seed(0)
     for N, K in ((64, 256), (200, 384), (130, 640)):
         q = ql.quantize(torch.randn(N, K, generator=g), name)
-        assert serving.layer_bits(name, N, K) == q.storage_bits, (name, N, K)
+        assert deploy.layer_bits(name, N, K) == q.storage_bits, (name, N, K)
 
 
 def test_layer_bits_refuses_a_group_that_does_not_divide_k():
     with pytest.raises(ValueError, match="does not divide K=10944"):
-        serving.layer_bits("w4a16", 64, 10944)
+        deploy.layer_bits("w4a16", 64, 10944)
 
 
 def test_weight_bytes_and_fits():
-    w = serving.weight_bytes("Llama-3-70B", "bf16")
-    assert w["total"] == 2 * serving.MODELS["Llama-3-70B"].n_params
-    f = serving.fit("H100", "Llama-3-70B", "bf16", "auto", 1024, 1)
+    w = deploy.weight_bytes("Llama-3-70B", "bf16")
+    assert w["total"] == 2 * deploy.MODELS["Llama-3-70B"].n_params
+    f = deploy.fit("H100", "Llama-3-70B", "bf16", "auto", 1024, 1)
     assert not f["fits"] and f["max_batch"] == 0 and f["weights_gb"] > 80  # 70B bf16: 141 GB
-    assert not serving.fit("H100", "Llama-3-70B", "fp8_dynamic", "auto", 1024, 1)["fits"]
-    assert serving.fit("H200", "Llama-3-70B", "fp8_dynamic", "auto", 1024, 1)["fits"]
-    assert serving.weight_bytes("Llama-3-8B", "w4a16")["bits_per_weight"] == 4.125
-    a, b = (serving.fit("H100", "Llama-3-8B", "fp8_dynamic", kv, 8192, 32)
+    assert not deploy.fit("H100", "Llama-3-70B", "fp8_dynamic", "auto", 1024, 1)["fits"]
+    assert deploy.fit("H200", "Llama-3-70B", "fp8_dynamic", "auto", 1024, 1)["fits"]
+    assert deploy.weight_bytes("Llama-3-8B", "w4a16")["bits_per_weight"] == 4.125
+    a, b = (deploy.fit("H100", "Llama-3-8B", "fp8_dynamic", kv, 8192, 32)
             for kv in ("auto", "fp8"))
     assert abs(b["max_context"] - 2 * a["max_context"]) <= 2  # fp8 KV: twice the tokens
 
@@ -84,11 +85,11 @@ def test_recommend_refuses_unknown_gpu_model_and_bad_inputs():
     with pytest.raises(ValueError, match="gpu_util"):
         rec("H100", "Llama-3-8B", 4096, gpu_util=1.5)
     with pytest.raises(ValueError, match="unknown format"):
-        serving.serving_path("int3", "H100")
+        deploy.serving_path("int3", "H100")
     with pytest.raises(ValueError, match="'int3' is not one of auto, fp8"):
-        serving.kv_bytes_per_token("Llama-3-8B", "int3")
+        deploy.kv_bytes_per_token("Llama-3-8B", "int3")
     with pytest.raises(ValueError, match="unknown scheme 'int3'"):
-        serving.weight_bytes("Llama-3-8B", "int3")
+        deploy.weight_bytes("Llama-3-8B", "int3")
 
 
 def test_recommend_choices_follow_budget_memory_and_generation():
@@ -118,32 +119,32 @@ def test_recommend_says_when_nothing_fits():
 
 
 def test_int8_w8a8_is_not_claimed_on_blackwell():
-    assert not serving.serving_path("int8_w8a8", "B200").ok
+    assert not deploy.serving_path("int8_w8a8", "B200").ok
     r = rec("B200", "Llama-3-8B", 4096, 64, 0.5)
     assert r.weight_format == "fp8_dynamic"
-    rows = {r["GPU"].split()[0]: r for r in serving.serving_table()}
+    rows = {r["GPU"].split()[0]: r for r in deploy.serving_table()}
     assert set(rows) == {"Ampere", "Ada", "Hopper", "Blackwell"}
     assert "Marlin" in rows["Ampere"]["fp8_dynamic"] and "fallback" in rows["Hopper"]["nvfp4"]
 
 
 def test_marlin_k_check_and_startup_messages():
-    assert "min_thread_k = 128" in serving.marlin_k_check(10944)
-    assert "14784 is not divisible" in serving.marlin_k_check(29568, tp=2)
-    for m in serving.MODELS.values():
+    assert "min_thread_k = 128" in deploy.marlin_k_check(10944)
+    assert "14784 is not divisible" in deploy.marlin_k_check(29568, tp=2)
+    for m in deploy.MODELS.values():
         for tp in (1, 2, 4, 8):
-            assert all(serving.marlin_k_check(K, tp) is None for _, K in m.linear_shapes()[:7])
-    msg = serving.startup_check("RTX 4090", "Llama-3-8B", "bf16", "auto", 131072)
+            assert all(deploy.marlin_k_check(K, tp) is None for _, K in m.linear_shapes()[:7])
+    msg = deploy.startup_check("RTX 4090", "Llama-3-8B", "bf16", "auto", 131072)
     assert msg.startswith("ValueError: The model's max seq len (131072) is larger")
-    assert "CUDA out of memory" in serving.startup_check("H100", "Llama-3-70B", "bf16", "auto", 8)
-    assert "No available memory" in serving.startup_check("H100", "Llama-3-70B", "fp8_dynamic",
+    assert "CUDA out of memory" in deploy.startup_check("H100", "Llama-3-70B", "bf16", "auto", 8)
+    assert "No available memory" in deploy.startup_check("H100", "Llama-3-70B", "fp8_dynamic",
                                                           "auto", 8)
-    ok = serving.startup_check("H100", "Llama-3-8B", "fp8_dynamic", "auto", 8192)
+    ok = deploy.startup_check("H100", "Llama-3-8B", "fp8_dynamic", "auto", 8192)
     assert ok.startswith("ok")
 
 
 def test_kv_scale_sweep_shows_saturation_without_calibration():
     x = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(0))
-    s = serving.kv_scale_sweep(x, torch.tensor([1.0, 1000.0]))
+    s = deploy.kv_scale_sweep(x, torch.tensor([1.0, 1000.0]))
     cal, one = s["e4m3, calibrated scale"], s["e4m3, scale 1.0"]
     assert abs(cal[0] - cal[1]) < 0.5 and abs(one[0] - cal[0]) < 0.5  # amax ~4: all fine
     assert one[1] < cal[1] - 10  # amax ~4000 > 448: scale 1.0 saturates

@@ -1,4 +1,4 @@
-"""quantlab.fp8_study: the FP8 GEMM path against the fake-quantized reference, the static-scale
+"""quantlab.studies.fp8: the FP8 GEMM path against the fake-quantized reference, the static-scale
 and format measurements on inputs with known answers, and the figure builders."""
 
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantlab import fp8_study as fs
 from quantlab import get_scheme, viz
 from quantlab.eval import lm_metrics, next_token_logprobs, sqnr_db
 from quantlab.nn import QuantLinear
 from quantlab.quantize import fake_quantize
+from quantlab.studies import fp8 as fs
 
 
 def randn(*shape, seed=0, std=1.0):

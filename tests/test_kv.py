@@ -196,7 +196,7 @@ def test_embedded_model_generates_with_every_codec_and_orders_by_bits():
         model, tok = load_causal_lm()
     except (FileNotFoundError, OSError) as err:
         pytest.skip(f"embedded model not available: {err}")
-    from quantlab.kv.evaluate import capture_qkv, layer_errors
+    from quantlab.studies.kv import capture_qkv, layer_errors
 
     ids = torch.tensor(tok(eval_text()[:4000], add_special_tokens=False)["input_ids"][:160])
     for name in CODECS:  # generate() with every codec on the embedded model

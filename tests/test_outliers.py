@@ -1,5 +1,6 @@
-"""quantlab.outliers: finding outliers, the per-token int8 arithmetic, SmoothQuant and rotation
-as exact rewrites that beat round to nearest on planted outliers, and the chapter's figures."""
+"""quantlab.studies.outliers: finding outliers, the per-token int8 arithmetic, SmoothQuant and
+rotation as exact rewrites that beat round to nearest on planted outliers, and the chapter's
+figures."""
 
 import math
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab import outliers as ol
 from quantlab import viz
 from quantlab.eval import sqnr_db
 from quantlab.nn import QuantLinear
+from quantlab.studies import outliers as ol
 
 
 def gen(seed=0):

@@ -52,7 +52,7 @@ def nll_total(model: nn.Module, batches: Iterable[Tensor], forward: Forward = lo
               ) -> tuple[float, int]:
     """Summed next-token NLL (nats) of tokens 1..T-1 and how many were predicted, over batches of
     windows (B, T) (their T may differ). forward(model, batch) -> (B, T, vocab) float32 logits:
-    one plain pass by default; kv.evaluate passes one that reads through a quantized cache."""
+    one plain pass by default; studies.kv passes one that reads through a quantized cache."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches:

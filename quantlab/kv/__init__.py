@@ -5,7 +5,7 @@
     2112
 
 codecs and capacity import with torch alone; the cache needs transformers and the kernel triton
-(each imported on first use). Measurements: quantlab.kv.evaluate and quantlab.kv.bench.
+(each imported on first use). Measurements: quantlab.studies.kv and quantlab.kv.bench.
 """
 
 from quantlab.kv.capacity import capacity

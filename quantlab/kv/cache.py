@@ -163,7 +163,7 @@ class QuantizedKVCache(Cache):
 
     codec: preset name (quantlab.kv.CODECS) or KVCodec. config: the model's config (its
     num_hidden_layers), or num_layers. static_scales: [(k_scale, v_scale)] per layer for
-    per-tensor codecs (quantlab.kv.evaluate.calibrate_static_scales); without them each layer
+    per-tensor codecs (quantlab.studies.kv.calibrate_static_scales); without them each layer
     takes its first batch's amax / 448, as vLLM's calculate_kv_scales does.
     max_cache_len: tokens per sequence past which update() raises.
     """

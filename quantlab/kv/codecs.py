@@ -70,7 +70,7 @@ class KVCodec:
     """Base: name, nominal element bits. Subclasses define encode/decode and the byte counts.
 
     static: True if the codec needs a per-layer scale for keys and one for values, calibrated
-    beforehand (see quantlab.kv.evaluate.calibrate_static_scales); residual: tokens kept in full
+    beforehand (see quantlab.studies.kv.calibrate_static_scales); residual: tokens kept in full
     precision at the end of the cache (KIVI's window; 0 for the others).
     """
 

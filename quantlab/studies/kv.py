@@ -1,6 +1,6 @@
 """Accuracy of each KV codec on a causal LM, measured through the cache.
 
-    python -m quantlab.kv.evaluate --out data/bench/kv-accuracy-stdlib-llama.json
+    python -m quantlab.studies.kv --out data/bench/kv-accuracy-stdlib-llama.json
 
 - perplexity: held-out windows fed in chunks through a QuantizedKVCache, so every token attends to
   keys and values as the cache decodes them (write-then-read: the same as token-by-token decoding;

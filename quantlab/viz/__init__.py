@@ -10,12 +10,12 @@ panels, which need a kernel, are in quantlab.widgets.
     compare      `quantlab compare --report`: perplexity against bits, per-layer SQNR, HTML
     formats      chapter 1: value grids, relative steps, the bits of a code
     schemes      chapters 2 and 6: one weight under many schemes, 4-bit levels, MX scale rules
-    outliers     chapter 3 (quantlab.outliers)
-    calibrated   chapter 4 (quantlab.calibrated)
-    fp8          chapter 5 (quantlab.fp8_study)
-    kv           chapter 7 (quantlab.kv)
+    outliers     chapter 3 (quantlab.studies.outliers)
+    calibrated   chapter 4 (quantlab.studies.calibrated)
+    fp8          chapter 5 (quantlab.studies.fp8)
+    kv           chapter 7 (quantlab.studies.kv)
     kernels      chapter 8 (quantlab.bench results)
-    deploy       chapters 9 and 10 (quantlab.serving, quantlab.deploy)
+    deploy       chapters 9 and 10 (quantlab.studies.deploy)
 
 The functions of book, compare, formats, schemes, kv and kernels are re-exported here, as they
 were when viz was one module (viz.markdown_table, viz.kv_channel_figure, ...); those of the four

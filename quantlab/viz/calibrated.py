@@ -1,6 +1,6 @@
-"""Chapter 4's figures (quantlab.calibrated measures what they show): where RTN's error lands,
-GPTQ's error while it quantizes column by column and its gain over RTN, GPTQ's damping, AWQ's
-scale exponent, and the whole model."""
+"""Chapter 4's figures (quantlab.studies.calibrated measures what they show): where RTN's error
+lands, GPTQ's error while it quantizes column by column and its gain over RTN, GPTQ's damping,
+AWQ's scale exponent, and the whole model."""
 
 from __future__ import annotations
 

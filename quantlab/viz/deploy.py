@@ -1,7 +1,7 @@
 """Chapters 9 and 10's figures: memory per format against each GPU's budget, the longest
 context that fits, measured accuracy costs against a budget, the recommender's choice per GPU and
-context, FP8 KV scales, and what an exported checkpoint holds. quantlab.serving and
-quantlab.deploy compute what they show."""
+context, FP8 KV scales, and what an exported checkpoint holds. quantlab.studies.deploy computes
+what they show."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import math
 
 import plotly.graph_objects as go
 
-from quantlab.deploy import effective_cost, recommendation_grid
-from quantlab.serving import FORMATS, GB, fit, get_gpus, get_model, kv_bytes_per_token, weight_bytes
+from quantlab.studies.deploy import (
+    FORMATS,
+    GB,
+    effective_cost,
+    fit,
+    get_gpus,
+    get_model,
+    kv_bytes_per_token,
+    recommendation_grid,
+    weight_bytes,
+)
 from quantlab.viz.book import COLORS, dropdown
 
 

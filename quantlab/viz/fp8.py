@@ -1,4 +1,4 @@
-"""Chapter 5's figures (quantlab.fp8_study measures what they show): held-out tokens against a
+"""Chapter 5's figures (quantlab.studies.fp8 measures what they show): held-out tokens against a
 static scale, where the values land among E4M3's codes as the scale moves, SQNR sweeps, layer
 by layer SQNR, E4M3 against E5M2, the whole model, and the FP8 GEMM kernels."""
 
@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from quantlab.formats import get_format
-from quantlab.fp8_study import code_regions, static_sweep
+from quantlab.studies.fp8 import code_regions, static_sweep
 from quantlab.viz.book import COLORS, dropdown, rounded
 from quantlab.viz.kernels import kernel_shapes_figure
 

@@ -34,7 +34,7 @@ def kv_channel_figure(amax: dict) -> go.Figure:
 
 
 def kv_accuracy_figure(rows: list[dict]) -> go.Figure:
-    """rows from quantlab.kv.evaluate (codec, bytes_per_token, perplexity_delta,
+    """rows from quantlab.studies.kv (codec, bytes_per_token, perplexity_delta,
     greedy_agreement): bytes per token (x) against perplexity increase (y, symlog-like via a
     dropdown between the two metrics)."""
     fig = go.Figure()

@@ -1,6 +1,7 @@
-"""Chapter 3's figures (quantlab.outliers computes what they show): where the outlier channels
-sit, what they do to one token's int8 codes, SmoothQuant's alpha, rotation, and W8A8 end to end.
-Each takes tensors or rows and returns a go.Figure whose dropdowns and sliders are plotly's own."""
+"""Chapter 3's figures (quantlab.studies.outliers computes what they show): where the outlier
+channels sit, what they do to one token's int8 codes, SmoothQuant's alpha, rotation, and W8A8 end
+to end. Each takes tensors or rows and returns a go.Figure whose dropdowns and sliders are
+plotly's own."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from quantlab.outliers import kurtosis
+from quantlab.studies.outliers import kurtosis
 from quantlab.viz.book import COLORS, dropdown
 
 
