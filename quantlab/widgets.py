@@ -137,7 +137,7 @@ BUDGETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 def recommend_panel(costs: dict[str, float]) -> W.VBox:
     """GPU, model, context, batch and budget -> quantlab.studies.deploy.recommend's choice, its
-    reasons and the memory bars of the choice. costs: {format: %} (deploy.measure_costs rows)."""
+    reasons and the memory bars of the choice. costs: {scheme: %} (deploy.measure_costs rows)."""
     gpu = W.Dropdown(options=list(GPUS), value="H100", description="GPU")
     model = W.Dropdown(options=list(MODELS), value="Llama-3-8B", description="model")
     ctx = W.SelectionSlider(options=list(CONTEXTS), value=8192, description="context")
@@ -147,7 +147,7 @@ def recommend_panel(costs: dict[str, float]) -> W.VBox:
 
     def redraw(*_):
         r = recommend(gpu.value, model.value, ctx.value, batch.value, budget.value, costs=costs)
-        head = f"<b>{r.weight_format or 'nothing fits'}</b>" + (
+        head = f"<b>{r.weight_scheme or 'nothing fits'}</b>" + (
             f", --kv-cache-dtype <b>{r.kv_cache_dtype}</b>" if r.kv_cache_dtype else "")
         text.value = (head + "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in r.reasons)
                       + f"</ul><pre>{html.escape(r.command)}</pre>")

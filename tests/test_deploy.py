@@ -84,7 +84,7 @@ def test_recommend_refuses_unknown_gpu_model_and_bad_inputs():
             rec("H100", "Llama-3-8B", 4096, 1, budget)
     with pytest.raises(ValueError, match="gpu_util"):
         rec("H100", "Llama-3-8B", 4096, gpu_util=1.5)
-    with pytest.raises(ValueError, match="unknown format"):
+    with pytest.raises(ValueError, match="unknown scheme"):
         deploy.serving_path("int3", "H100")
     with pytest.raises(ValueError, match="'int3' is not one of auto, fp8"):
         deploy.kv_bytes_per_token("Llama-3-8B", "int3")
@@ -94,34 +94,34 @@ def test_recommend_refuses_unknown_gpu_model_and_bad_inputs():
 
 def test_recommend_choices_follow_budget_memory_and_generation():
     r = rec("H100", "Llama-3-8B", 8192, 32, 1.0)
-    assert (r.weight_format, r.kv_cache_dtype) == ("fp8_dynamic", "auto")
+    assert (r.weight_scheme, r.kv_cache_dtype) == ("fp8_dynamic", "auto")
     assert "--kv-cache-dtype" not in r.command and "--quantization" not in r.command
     r = rec("H100", "Llama-3-8B", 16384, 32, 1.0)  # bf16 KV (68.7 GB) no longer fits
-    assert (r.weight_format, r.kv_cache_dtype) == ("fp8_dynamic", "fp8")
+    assert (r.weight_scheme, r.kv_cache_dtype) == ("fp8_dynamic", "fp8")
     assert "--kv-cache-dtype fp8" in r.command and math.isclose(r.cost_pct, 0.29)
     r = rec("H100", "Llama-3-8B", 8192, 8, 3.0)  # memory-bound: 4-bit, lower cost first
-    assert r.weight_format == "nvfp4_a16"
-    assert rec("H100", "Llama-3-8B", 8192, 64, 3.0).weight_format == "fp8_dynamic"  # large batch
-    assert rec("A100", "Llama-3-8B", 8192, 64, 0.5).weight_format == "int8_w8a8"
-    assert rec("B200", "Llama-3-70B", 8192, 64, 10.0).weight_format == "nvfp4"  # W4A4 native
+    assert r.weight_scheme == "nvfp4_a16"
+    assert rec("H100", "Llama-3-8B", 8192, 64, 3.0).weight_scheme == "fp8_dynamic"  # large batch
+    assert rec("A100", "Llama-3-8B", 8192, 64, 0.5).weight_scheme == "int8_w8a8"
+    assert rec("B200", "Llama-3-70B", 8192, 64, 10.0).weight_scheme == "nvfp4"  # W4A4 native
     r = rec("H100", "Llama-3-70B", 8192, 1, 10.0)  # no FP4 tensor cores: never W4A4
-    assert r.weight_format != "nvfp4"
+    assert r.weight_scheme != "nvfp4"
     assert any("export nvfp4_a16" in o["status"] for o in r.options if o["format"] == "nvfp4")
 
 
 def test_recommend_says_when_nothing_fits():
     r = rec("H100", "Llama-3-70B", 8192, 8, 1.0)
-    assert r.weight_format is None and r.kv_cache_dtype is None
+    assert r.weight_scheme is None and r.kv_cache_dtype is None
     assert "72.7 GB for its weights alone" in r.reasons[-1]
     assert "--tensor-parallel-size" in r.reasons[-1]
     r = rec("H100", "Llama-3-8B", 8192, 1, 0.0, costs={"w4a16": 2.12})
-    assert r.weight_format == "bf16"  # only bf16 is within a 0% budget here
+    assert r.weight_scheme == "bf16"  # only bf16 is within a 0% budget here
 
 
 def test_int8_w8a8_is_not_claimed_on_blackwell():
     assert not deploy.serving_path("int8_w8a8", "B200").ok
     r = rec("B200", "Llama-3-8B", 4096, 64, 0.5)
-    assert r.weight_format == "fp8_dynamic"
+    assert r.weight_scheme == "fp8_dynamic"
     rows = {r["GPU"].split()[0]: r for r in deploy.serving_table()}
     assert set(rows) == {"Ampere", "Ada", "Hopper", "Blackwell"}
     assert "Marlin" in rows["Ampere"]["fp8_dynamic"] and "fallback" in rows["Hopper"]["nvfp4"]

@@ -27,7 +27,8 @@ FLOORS = [
     {"algorithms", "kv"},
     {"eval"},  # eval.lm.layer_errors captures layer inputs (algorithms) through QuantLinear
     {"models", "report"},
-    {"io", "compare"},  # io/audit prints with report.format_table; io/cli loads models
+    {"io", "compare", "sequential"},  # io/audit prints with report.format_table; io/cli loads
+    # models; sequential (the layer-by-layer exporter) writes through io
     {"studies", "studies.outliers", "studies.calibrated", "studies.fp8", "studies.kv",
      "studies.deploy"},
     {"viz", "viz.book", "viz.compare", "viz.formats", "viz.schemes", "viz.outliers",

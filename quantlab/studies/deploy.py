@@ -9,7 +9,7 @@ model, a context, a batch and an accuracy budget, and says why. quantlab.viz.dep
     131072
     >>> r = recommend("H100", "Llama-3-8B", context_len=8192, batch=32, accuracy_budget=1.0,
     ...               costs={"fp8_dynamic": 0.03, "w4a16": 2.1})
-    >>> r.weight_format, r.kv_cache_dtype
+    >>> r.weight_scheme, r.kv_cache_dtype
     ('fp8_dynamic', 'auto')
 
 What is verified, and where (vLLM facts; the bracketed tags in the comments below point back
@@ -119,9 +119,9 @@ def get_gpus(gpus=None) -> list[GPU]:
     return [get_gpu(g) for g in (gpus or GPUS)]
 
 
-# ------------------------------------------------------------------------ formats on vLLM
+# ------------------------------------------------------------------------ schemes on vLLM
 
-FORMATS = ("bf16", "fp8_dynamic", "int8_w8a8", "w4a16", "nvfp4_a16", "nvfp4")
+SCHEMES = ("bf16", "fp8_dynamic", "int8_w8a8", "w4a16", "nvfp4_a16", "nvfp4")
 # vLLM --kv-cache-dtype -> the quantlab codec with the same bytes (fp8 = fp8_e4m3 with one scale
 # per layer for K and one for V [kv]; fp8_e5m2 stores the same bytes, with less precision).
 KV_CODEC = {"auto": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e4m3"}
@@ -129,7 +129,7 @@ KV_CODEC = {"auto": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2
 
 @dataclass(frozen=True)
 class ServingPath:
-    """How vLLM runs a format on a GPU. ok: it serves it; compute: what the matmul computes in;
+    """How vLLM runs a scheme on a GPU. ok: it serves it; compute: what the matmul computes in;
     note: why, in a sentence. A quantlab export needs no --quantization flag [auto]."""
 
     ok: bool
@@ -137,46 +137,46 @@ class ServingPath:
     note: str
 
 
-def serving_path(fmt: str, gpu: str | GPU) -> ServingPath:
-    """fmt: one of FORMATS. Only what the sources in the module docstring state."""
+def serving_path(scheme: str, gpu: str | GPU) -> ServingPath:
+    """scheme: one of SCHEMES. Only what the sources in the module docstring state."""
     g = get_gpu(gpu)
-    if fmt == "bf16":
+    if scheme == "bf16":
         return ServingPath(True, "bf16 tensor cores", "the unquantized checkpoint")
-    if fmt == "fp8_dynamic":
+    if scheme == "fp8_dynamic":
         if g.fp8:
             return ServingPath(True, "FP8 W8A8 tensor cores", "vLLM runs FP8 W8A8 from sm89; "
                                "without a checkpoint, --quantization fp8 quantizes bf16 "
                                "weights at load time")
         return ServingPath(True, "weight-only W8A16 (FP8 Marlin)", "no FP8 tensor cores before "
                            "sm89: vLLM runs FP8 checkpoints weight-only, activations 16-bit")
-    if fmt == "int8_w8a8":
+    if scheme == "int8_w8a8":
         if 75 <= g.sm <= 90:
             return ServingPath(True, "INT8 W8A8 tensor cores", "vLLM's hardware table: Turing "
                                "to Hopper")
         return ServingPath(False, "-", "vLLM's hardware table lists INT8 W8A8 from Turing to "
                            "Hopper and has no Blackwell column: not claimed here")
-    if fmt in ("w4a16", "nvfp4_a16"):
+    if scheme in ("w4a16", "nvfp4_a16"):
         return ServingPath(g.sm >= 80, "weight-only (Marlin)", "vLLM serves 4-bit weights "
                            "through Marlin from sm80: dequantized in registers, 16-bit matmul")
-    if fmt == "nvfp4":
+    if scheme == "nvfp4":
         if g.fp4:
             return ServingPath(True, "NVFP4 W4A4 tensor cores", "Blackwell's FP4 tensor cores")
         return ServingPath(True, "weight-only fallback (FP4 Marlin)", "vLLM warns 'Your GPU does "
                            "not have native support for FP4 computation'")
-    raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
 
 
 def serving_table() -> list[dict]:
-    """One row per (GPU generation, format): what vLLM runs, for chapter 9's table."""
+    """One row per (GPU generation, scheme): what vLLM runs, for chapter 9's table."""
     rows, seen = [], set()
     for g in GPUS.values():
         if g.arch in seen:
             continue
         seen.add(g.arch)
         row = {"GPU": f"{g.arch} ({g.name}, sm{g.sm})", "tensor cores": g.tensor_formats}
-        for fmt in FORMATS[1:]:
-            p = serving_path(fmt, g)
-            row[fmt] = p.compute if p.ok else "not listed"
+        for scheme in SCHEMES[1:]:
+            p = serving_path(scheme, g)
+            row[scheme] = p.compute if p.ok else "not listed"
         rows.append(row)
     return rows
 
@@ -250,18 +250,18 @@ def layer_bits(scheme: str, N: int, K: int) -> int:
     return ts.storage_bits((N, K))
 
 
-def weight_bytes(model: str | ModelShape, fmt: str) -> dict[str, float]:
+def weight_bytes(model: str | ModelShape, scheme: str) -> dict[str, float]:
     """{quantized: bytes of the quantized Linears, other: bf16 embeddings, lm_head and norms,
-    total, bits_per_weight: over the quantized Linears}. fmt 'bf16': nothing quantized."""
-    if fmt != "bf16":
-        get_scheme(fmt)  # any preset works; an unknown name raises, listing the presets
-    return dict(_weight_bytes(get_model(model), fmt))
+    total, bits_per_weight: over the quantized Linears}. scheme 'bf16': nothing quantized."""
+    if scheme != "bf16":
+        get_scheme(scheme)  # any preset works; an unknown name raises, listing the presets
+    return dict(_weight_bytes(get_model(model), scheme))
 
 
 @lru_cache(maxsize=256)
-def _weight_bytes(m: ModelShape, fmt: str) -> tuple[tuple[str, float], ...]:
+def _weight_bytes(m: ModelShape, scheme: str) -> tuple[tuple[str, float], ...]:
     lin = m.linear_params
-    qbits = 16 * lin if fmt == "bf16" else sum(layer_bits(fmt, n, k) for n, k in
+    qbits = 16 * lin if scheme == "bf16" else sum(layer_bits(scheme, n, k) for n, k in
                                               m.linear_shapes())
     other = 2 * (m.n_params - lin)
     return (("quantized", qbits / 8), ("other", other), ("total", qbits / 8 + other),
@@ -281,13 +281,13 @@ def kv_bytes_per_token(model: str | ModelShape, kv_dtype: str = "auto") -> int:
     return int(m.layers * get_codec(kv_codec(kv_dtype)).bytes_per_token(m.kv_heads, m.head_dim))
 
 
-def fit(gpu: str | GPU, model: str | ModelShape, fmt: str, kv_dtype: str, context_len: int,
+def fit(gpu: str | GPU, model: str | ModelShape, scheme: str, kv_dtype: str, context_len: int,
         batch: int, gpu_util: float = 0.9) -> dict:
     """Memory of one configuration, vLLM's budget rule (quantlab.kv.capacity): gpu_util x memory
     holds the weights and the KV cache. Returns GB figures, max_context (tokens per sequence
     at this batch), max_batch (sequences of context_len) and fits (max_batch >= batch)."""
     g, m = get_gpu(gpu), get_model(model)
-    w = weight_bytes(m, fmt)
+    w = weight_bytes(m, scheme)
     out = {"weights_gb": w["total"] / GB, "budget_gb": gpu_util * g.memory_gb,
            "kv_gb": batch * context_len * kv_bytes_per_token(m, kv_dtype) / GB}
     try:
@@ -317,12 +317,12 @@ def marlin_k_check(K: int, tp: int = 1) -> str | None:
     return None
 
 
-def startup_check(gpu, model, fmt: str, kv_dtype: str, max_model_len: int,
+def startup_check(gpu, model, scheme: str, kv_dtype: str, max_model_len: int,
                   gpu_util: float = 0.9) -> str:
     """What vLLM says at startup about one sequence of max_model_len tokens [oom], with our
     budget rule (vLLM's own figure also subtracts profiled activation memory). Weights larger
     than the whole GPU fail earlier, in torch, while loading."""
-    f = fit(gpu, model, fmt, kv_dtype, max_model_len, 1, gpu_util)
+    f = fit(gpu, model, scheme, kv_dtype, max_model_len, 1, gpu_util)
     tokens = f["max_context"]
     if f["weights_gb"] > get_gpu(gpu).memory_gb:
         return (f"torch.OutOfMemoryError: CUDA out of memory (while loading "
@@ -384,11 +384,11 @@ def checkpoint_sizes(path: str | Path) -> dict[str, int]:
 
 NOISE_PCT = 0.25  # perplexity changes below this are noise at 2048 eval tokens. Measured (RTN,
 # stdlib-llama) over ATEN_CPU_CAPABILITY default/avx2/avx512 x 1-2 threads x torch 2.11/2.13:
-# fp8_dynamic +0.02% to +0.12%, int8_w8a8 -0.05% to +0.05%, the same format on the same weights;
+# fp8_dynamic +0.02% to +0.12%, int8_w8a8 -0.05% to +0.05%, the same scheme on the same weights;
 # scripts/check_spread.py reruns it.
 
 
-def measure_costs(schemes=FORMATS[1:], eval_tokens: int = 2048, calib_tokens: int = 256,
+def measure_costs(schemes=SCHEMES[1:], eval_tokens: int = 2048, calib_tokens: int = 256,
                   log=None) -> dict:
     """Round to nearest on the embedded stdlib-llama, measured as quantlab.compare measures it
     (256-token windows, KL on the first). Returns {baseline perplexity, eval_tokens,
@@ -437,16 +437,16 @@ MEMORY_BOUND_BATCH = 32  # [marlin]: weight-only 4-bit keeps its speedup up to b
 
 @dataclass
 class Recommendation:
-    """weight_format / kv_cache_dtype: None when nothing fits. memory: fit() of the choice.
+    """weight_scheme / kv_cache_dtype: None when nothing fits. memory: fit() of the choice.
     cost_pct: weight + KV perplexity increase (added: a rule of thumb). options: one row per
-    format with why it was or was not chosen."""
+    scheme with why it was or was not chosen."""
 
     gpu: str
     model: str
     context_len: int
     batch: int
     accuracy_budget: float
-    weight_format: str | None
+    weight_scheme: str | None
     kv_cache_dtype: str | None
     memory: dict
     cost_pct: float
@@ -459,7 +459,7 @@ def preference(gpu: str | GPU, batch: int, costs: dict[str, float] | None = None
     """Formats in the order we try them (rule of thumb): native low-bit compute first (NVFP4 W4A4,
     Blackwell only); then, at small batch (decode reads every weight per step: memory-bound) 4-bit
     weights before 8-bit, at large batch (compute-bound) W8A8 before weight-only; bf16 last.
-    Within a tier, the lower measured cost (costs: {format: %}) comes first."""
+    Within a tier, the lower measured cost (costs: {scheme: %}) comes first."""
     g = get_gpu(gpu)
     w8 = ["fp8_dynamic", "int8_w8a8"] if g.fp8 else ["int8_w8a8", "fp8_dynamic"]
     w4 = ["nvfp4_a16", "w4a16"]
@@ -482,12 +482,12 @@ def _check(context_len: int, batch: int, accuracy_budget: float, gpu_util: float
         raise ValueError(f"gpu_util={gpu_util} must be in (0, 1] (vLLM's default is 0.9)")
 
 
-def serve_command(fmt: str | None, kv: str | None, context_len: int, batch: int) -> str:
+def serve_command(scheme: str | None, kv: str | None, context_len: int, batch: int) -> str:
     """The export and serve lines for a choice ([auto]: no --quantization for our exports)."""
-    if fmt is None:
+    if scheme is None:
         return "(nothing fits: see the reasons)"
-    serve = "vllm serve ./model" if fmt == "bf16" else \
-        f"quantlab export --scheme {fmt} --out ./model-{fmt}\nvllm serve ./model-{fmt}"
+    serve = "vllm serve ./model" if scheme == "bf16" else \
+        f"quantlab export --scheme {scheme} --out ./model-{scheme}\nvllm serve ./model-{scheme}"
     extra = "" if kv == "auto" else f" --kv-cache-dtype {kv}"
     return f"{serve}{extra} --max-model-len {context_len} --max-num-seqs {batch}"
 
@@ -495,9 +495,9 @@ def serve_command(fmt: str | None, kv: str | None, context_len: int, batch: int)
 def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: int = 1,
               accuracy_budget: float = 1.0, *, costs: dict[str, float],
               kv: dict[str, float] | None = None, gpu_util: float = 0.9) -> Recommendation:
-    """Weight format and --kv-cache-dtype for one GPU, a model, batch sequences of context_len
+    """Weight scheme and --kv-cache-dtype for one GPU, a model, batch sequences of context_len
     tokens and an accuracy budget (perplexity increase in %, on our stdlib-llama proxy).
-    costs: {format: measured perplexity increase %} (measure_costs); formats missing from it
+    costs: {scheme: measured perplexity increase %} (measure_costs); schemes missing from it
     are skipped. kv: {kv dtype: %} (default kv_costs(): the committed KV measurement)."""
     g, m = get_gpu(gpu), get_model(model)
     _check(context_len, batch, accuracy_budget, gpu_util)
@@ -513,25 +513,27 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
                "and KV added; a rule of thumb says larger models lose less to the same format, "
                "so read them as a ranking."]
     options, choice = [], None
-    for fmt in preference(g, batch, costs):
-        path = serving_path(fmt, g)
-        row = {"format": fmt, "compute": path.compute, "weights GB": weight_bytes(m, fmt)["total"]
-               / GB, "cost %": costs.get(fmt, math.nan), "status": ""}
+    for scheme in preference(g, batch, costs):
+        path = serving_path(scheme, g)
+        row = {"format": scheme, "compute": path.compute,  # "format": the table's column label
+               "weights GB": weight_bytes(m, scheme)["total"] / GB,
+               "cost %": costs.get(scheme, math.nan), "status": ""}
         options.append(row)
         if not path.ok:
             row["status"] = f"not served: {path.note}"
             continue
-        if fmt == "nvfp4" and not g.fp4:
+        if scheme == "nvfp4" and not g.fp4:
             row["status"] = "no FP4 tensor cores: served weight-only, so export nvfp4_a16"
             continue
-        if fmt not in costs:
+        if scheme not in costs:
             row["status"] = "no accuracy measurement given"
             continue
-        cw = effective_cost(costs[fmt])
+        cw = effective_cost(costs[scheme])
         if cw > accuracy_budget:
-            row["status"] = f"costs {costs[fmt]:.2f}% > budget {accuracy_budget:g}%"
+            row["status"] = f"costs {costs[scheme]:.2f}% > budget {accuracy_budget:g}%"
             continue
-        fits = {kvd: fit(g, m, fmt, kvd, context_len, batch, gpu_util) for kvd in ("auto", "fp8")}
+        fits = {kvd: fit(g, m, scheme, kvd, context_len, batch, gpu_util)
+                for kvd in ("auto", "fp8")}
         allowed = [k for k in fits if cw + effective_cost(kv[k]) <= accuracy_budget]  # auto always
         ok = [k for k in allowed if fits[k]["fits"]]
         if not ok:
@@ -541,35 +543,36 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
             continue
         row["status"] = f"chosen, --kv-cache-dtype {ok[0]}" if choice is None else "fits"
         if choice is None:
-            choice = (fmt, ok[0], fits[ok[0]], cw + effective_cost(kv[ok[0]]))
+            choice = (scheme, ok[0], fits[ok[0]], cw + effective_cost(kv[ok[0]]))
     if choice is None:
         reasons.append(_nothing_fits(g, m, context_len, batch, accuracy_budget, costs, kv,
                                      gpu_util))
         return Recommendation(g.name, m.name, context_len, batch, accuracy_budget, None, None,
                               {}, math.nan, serve_command(None, None, 0, 0), reasons, options)
-    fmt, kvd, f, cost = choice
-    reasons += _why(g, m, fmt, kvd, f, cost, costs, kv, context_len, batch, accuracy_budget,
+    scheme, kvd, f, cost = choice
+    reasons += _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, accuracy_budget,
                     gpu_util)
-    return Recommendation(g.name, m.name, context_len, batch, accuracy_budget, fmt, kvd, f, cost,
-                          serve_command(fmt, kvd, context_len, batch), reasons, options)
+    return Recommendation(g.name, m.name, context_len, batch, accuracy_budget, scheme, kvd, f, cost,
+                          serve_command(scheme, kvd, context_len, batch), reasons, options)
 
 
-def _why(g, m, fmt, kvd, f, cost, costs, kv, context_len, batch, budget, gpu_util) -> list[str]:
-    p = serving_path(fmt, g)
-    out = [f"Weights: {fmt} ({p.compute}), {f['weights_gb']:.1f} GB; measured cost "
-           f"{costs[fmt]:+.2f}%" + (f" (inside the ±{NOISE_PCT}% noise)"
-                                     if effective_cost(costs[fmt]) == 0 and fmt != "bf16" else "")
+def _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, budget, gpu_util) -> list[str]:
+    p = serving_path(scheme, g)
+    out = [f"Weights: {scheme} ({p.compute}), {f['weights_gb']:.1f} GB; measured cost "
+           f"{costs[scheme]:+.2f}%" + (f" (inside the ±{NOISE_PCT}% noise)"
+                                        if effective_cost(costs[scheme]) == 0 and scheme != "bf16"
+                                        else "")
            + f". {p.note}."]
     kv_line = (f"KV cache: {kvd}, {f['kv_gb']:.1f} GB for {batch} x {context_len} tokens; "
                f"{f['free_gb']:.1f} GB of the {f['budget_gb']:.1f} GB budget "
                f"({gpu_util:g} x memory) left; up to {f['max_context']:,} tokens per sequence "
                "at this batch.")
     if kvd == "auto":
-        alt = fit(g, m, fmt, "fp8", context_len, batch, gpu_util)
+        alt = fit(g, m, scheme, "fp8", context_len, batch, gpu_util)
         kv_line += (f" fp8 would allow {alt['max_context']:,} at a measured "
                     f"{kv['fp8']:.2f}% (static calibrated scales).")
     else:
-        auto = fit(g, m, fmt, "auto", context_len, batch, gpu_util)
+        auto = fit(g, m, scheme, "auto", context_len, batch, gpu_util)
         kv_line += (f" bf16 KV ({auto['kv_gb']:.1f} GB) does not fit; fp8 halves it at a "
                     f"measured {kv['fp8']:.2f}% with scales calibrated per layer: calibrate "
                     "them (llm-compressor), vLLM's uncalibrated default scale is 1.0.")
@@ -610,6 +613,6 @@ def recommendation_grid(model, contexts, budget, costs, batch=1, gpus=None) -> l
     for g in gpus or list(GPUS):
         for c in contexts:
             r = recommend(g, model, c, batch, budget, costs=costs, kv=kv)
-            rows.append({"gpu": g, "context": c, "format": r.weight_format or "none",
+            rows.append({"gpu": g, "context": c, "format": r.weight_scheme or "none",
                          "kv": r.kv_cache_dtype or "-"})
     return rows

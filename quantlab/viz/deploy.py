@@ -1,4 +1,4 @@
-"""Chapters 9 and 10's figures: memory per format against each GPU's budget, the longest
+"""Chapters 9 and 10's figures: memory per scheme against each GPU's budget, the longest
 context that fits, measured accuracy costs against a budget, the recommender's choice per GPU and
 context, FP8 KV scales, and what an exported checkpoint holds. quantlab.studies.deploy computes
 what they show."""
@@ -10,8 +10,8 @@ import math
 import plotly.graph_objects as go
 
 from quantlab.studies.deploy import (
-    FORMATS,
     GB,
+    SCHEMES,
     effective_cost,
     fit,
     get_gpus,
@@ -24,20 +24,20 @@ from quantlab.viz.book import COLORS, dropdown
 
 
 def memory_figure(scenarios: dict, gpus=None) -> go.Figure:
-    """scenarios: label -> (model, context_len, batch, kv_dtype). Stacked bars per format:
+    """scenarios: label -> (model, context_len, batch, kv_dtype). Stacked bars per scheme:
     quantized weights, bf16 weights, KV cache; a dropdown picks the scenario; dotted lines mark
     each GPU's budget (0.9 x memory)."""
     fig, groups, c = go.Figure(), {}, COLORS
     for lab, (model, ctx, batch, kvd) in scenarios.items():
         groups[lab] = []
-        w = {f: weight_bytes(model, f) for f in FORMATS}
+        w = {s: weight_bytes(model, s) for s in SCHEMES}
         kv_gb = batch * ctx * kv_bytes_per_token(model, kvd) / GB
-        parts = (("quantized Linears", [w[f]["quantized"] / GB for f in FORMATS], c[0]),
-                 ("bf16 embeddings, lm_head, norms", [w[f]["other"] / GB for f in FORMATS], c[1]),
-                 (f"KV cache ({kvd})", [kv_gb] * len(FORMATS), c[2]))
+        parts = (("quantized Linears", [w[s]["quantized"] / GB for s in SCHEMES], c[0]),
+                 ("bf16 embeddings, lm_head, norms", [w[s]["other"] / GB for s in SCHEMES], c[1]),
+                 (f"KV cache ({kvd})", [kv_gb] * len(SCHEMES), c[2]))
         for name, ys, col in parts:
             groups[lab].append(len(fig.data))
-            fig.add_trace(go.Bar(x=list(FORMATS), y=ys, name=name, marker_color=col,
+            fig.add_trace(go.Bar(x=list(SCHEMES), y=ys, name=name, marker_color=col,
                                  hovertemplate=name + ": %{y:.1f} GB<extra></extra>"))
     budgets: dict[float, list[str]] = {}
     for g in get_gpus(gpus):  # one line per distinct budget (A100 and H100 share 72 GB)
@@ -53,7 +53,7 @@ def memory_figure(scenarios: dict, gpus=None) -> go.Figure:
 
 
 def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
-    """Max tokens per sequence at `batch` (log y) per format, one line per GPU; a dropdown picks
+    """Max tokens per sequence at `batch` (log y) per scheme, one line per GPU; a dropdown picks
     (model, KV dtype). 0 (the weights alone do not fit) is drawn at the bottom."""
     fig, groups, c = go.Figure(), {}, COLORS
     for model in models:
@@ -61,10 +61,10 @@ def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
             lab = f"{get_model(model).name}, KV {kvd}"
             groups[lab] = []
             for i, g in enumerate(get_gpus(gpus)):
-                ys = [fit(g, model, f, kvd, 1024, batch)["max_context"] for f in FORMATS]
+                ys = [fit(g, model, s, kvd, 1024, batch)["max_context"] for s in SCHEMES]
                 groups[lab].append(len(fig.data))
                 fig.add_trace(go.Scatter(
-                    x=list(FORMATS), y=[max(y, 1) for y in ys], mode="lines+markers",
+                    x=list(SCHEMES), y=[max(y, 1) for y in ys], mode="lines+markers",
                     name=g.name, marker_color=c[i % 10], customdata=ys,
                     line_dash=("solid", "dot")[i % 2],  # A100 and H100 share a line
                     hovertemplate=g.name + ": %{customdata:,} tokens<extra></extra>"))
@@ -78,7 +78,7 @@ def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
 
 def cost_figure(measured: dict, budgets=(0.1, 0.5, 1, 2, 5, 10)) -> go.Figure:
     """measured: measure_costs() output. Perplexity increase (%) against bits per weight; a
-    slider moves the budget and colors each format within it (green) or over it (red)."""
+    slider moves the budget and colors each scheme within it (green) or over it (red)."""
     rows = measured["rows"]
     names = list(rows)
     x = [rows[n]["bits_per_weight"] for n in names]
@@ -110,10 +110,10 @@ def cost_figure(measured: dict, budgets=(0.1, 0.5, 1, 2, 5, 10)) -> go.Figure:
 
 
 def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Figure:
-    """Heatmap of the recommended weight format per GPU (rows) and context (columns), the KV
+    """Heatmap of the recommended weight scheme per GPU (rows) and context (columns), the KV
     dtype in the cell text; a dropdown picks (model, accuracy budget). grids: {(model, budget):
     recommendation_grid rows} already computed (else computed here)."""
-    code = {f: i for i, f in enumerate(("none",) + FORMATS)}
+    code = {s: i for i, s in enumerate(("none",) + SCHEMES)}
     fig, groups = go.Figure(), {}
     for model in models:
         for b in budgets:
