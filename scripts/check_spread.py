@@ -305,6 +305,16 @@ def cmd_table(args) -> int:
             print(f"NBVAL_CHECK_OUTPUT differs across runs: {chapter}")
             for t in sorted(texts):
                 print("   ", t[:400])
+    if args.markdown:
+        # Only numbers that moved by more than 1e-4 of their size: the rest moved in the last
+        # digits, which no bound comes near.
+        print("\n| chapter | asserted number | min | max | spread | bound(s) | margin / spread |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for chapter, _cell, expr, lo, hi, spread, bounds, margin in rows:
+            if bounds and spread > 1e-4 * max(abs(lo), abs(hi)):
+                ratio = margin / spread
+                print(f"| {chapter[:2]} | `{expr}` | {lo:.5g} | {hi:.5g} | {spread:.2g} | "
+                      f"{', '.join(f'{b:g}' for b in bounds)} | {ratio:.2g} |")
     print(f"\n{'chapter':<18}{'cell':>5}  {'operand':<60} {'min':>11} {'max':>11} "
           f"{'spread':>9} {'margin':>9} bounds")
     tight = 0
@@ -335,6 +345,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("table", help="spread of each asserted operand against its bounds")
     t.add_argument("files", nargs="+")
     t.add_argument("--all", action="store_true", help="also rows that did not move")
+    t.add_argument("--markdown", action="store_true",
+                   help="also a markdown table of the bounded numbers that moved")
     args = ap.parse_args(argv)
     return {"record": cmd_record, "sweep": cmd_sweep, "table": cmd_table}[args.cmd](args)
 
