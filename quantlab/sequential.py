@@ -1,0 +1,391 @@
+"""Layer-sequential quantization and streaming compressed-tensors export, in memory bounded by
+one decoder layer: an 8B model on a 24 GB CPU machine, or a 10 GB slice of a GPU.
+
+The model is built from its config on the `meta` device (no weights), and its tensors are read
+from the safetensors shards only when needed (quantlab.io.stream.LazyCheckpoint, memory-mapped):
+- round to nearest with dynamic or no activation quantization needs no forward pass: each tensor
+  is read, quantized and handed to the shard writer alone;
+- calibrated work (GPTQ, AWQ, static activation scales, NVFP4 input global scales) materializes
+  one decoder layer at a time on `device`, runs the calibration hidden states (B, T, d) through
+  it, quantizes it, writes it and releases it before the next one. The hidden states carried
+  forward are what the in-memory reference would give that layer: the quantized previous layers'
+  outputs for GPTQ (as algorithms.gptq) and for NVFP4 W4A4 input scales (calibrated on the
+  quantized model, as io.compressed_tensors does), the float outputs for static activation
+  scales and AWQ (both computed from the float model in memory).
+Every tensor is the one `quantlab export` writes through the in-memory path (quantize_model or
+algorithms.gptq/awq, then export_compressed_tensors), bit for bit: tests/test_sequential.py checks
+it; only the file layout differs (model-0000i-of-0000N.safetensors shards plus an index).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantlab.io import compressed_tensors as ct
+from quantlab.io.safetensors_io import atomic_output
+from quantlab.io.stream import LazyCheckpoint, ShardWriter
+from quantlab.layers import matches_any
+from quantlab.nn import QuantLinear
+from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor, quantize
+from quantlab.scales import NVFP4
+from quantlab.schemes import Scheme, get_scheme
+
+ALGORITHMS = ("rtn", "gptq", "awq")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skeleton(model_dir: str | Path) -> nn.Module:
+    """The causal LM of model_dir's config.json with every tensor on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, the decoder layers): the first ModuleList named `layers` or `h` inside
+    the model. Raises ValueError when the decoder layers are not a ModuleList."""
+    for name, m in model.named_modules():
+        if name.rpartition(".")[2] in ("layers", "h"):
+            if isinstance(m, nn.ModuleList) and len(m):
+                return name, m
+            raise ValueError(
+                f"{type(model).__name__}.{name} is a {type(m).__name__}, not a non-empty "
+                "nn.ModuleList of decoder layers, so it cannot be run one layer at a time; "
+                "export it with --pipeline in-memory (the whole model in float32) instead")
+    raise ValueError(f"{type(model).__name__} has no decoder-layer ModuleList (model.layers or "
+                     "transformer.h); export it with --pipeline in-memory instead")
+
+
+def _rounded(t: Tensor, dtype: torch.dtype, device) -> Tensor:
+    """What the in-memory path quantizes: the checkpoint's values rounded to --dtype, in float32."""
+    return t.to(device).float().to(dtype).float()
+
+
+def _materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, dtype, device) -> None:
+    """Give module (on meta) its checkpoint tensors, rounded to dtype, as float32 on device."""
+    names = list(module.state_dict())
+    loaded = ckpt.load([prefix + n for n in names])
+    module.load_state_dict({n: _rounded(loaded[prefix + n], dtype, device) for n in names},
+                           assign=True)
+
+
+def _release(layers: nn.ModuleList, i: int) -> None:
+    layers[i] = nn.Identity()  # drops the layer's tensors (its QuantLinears' codes and caches)
+
+
+def _targets(model: nn.Module, scheme: Scheme, ignore) -> tuple[dict[str, Scheme], list[str]]:
+    """({linear to quantize: scheme} in module order, [linears left in full precision]), with
+    quantize_model's group-size check."""
+    quant, full = {}, []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if matches_any(name, ignore):
+            full.append(name)
+            continue
+        g = scheme.weights.group_size
+        if g and m.in_features % g:
+            raise ValueError(f"{name}: in_features={m.in_features} is not a multiple of "
+                             f"{scheme.name}'s group size {g}; add it to ignore=, or use a "
+                             "per-channel scheme (e.g. w8a16)")
+        quant[name] = scheme
+    return quant, full
+
+
+def _check_disk(out: Path, ckpt: LazyCheckpoint, model: nn.Module, quant: dict, dtype) -> None:
+    """Refuse before any work when the output cannot fit (an estimate within a few percent)."""
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    need = 0
+    for n, shape in shapes.items():
+        mod = n.rpartition(".")[0]
+        if mod in quant and n.endswith(".weight"):
+            need += quant[mod].weights.storage_bits(shape) // 8
+        else:
+            need += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OSError(f"the export needs about {need / 1e9:.2f} GB but {parent} has "
+                      f"{free / 1e9:.2f} GB free; free space or choose an --out on another disk")
+
+
+def _emit_linear(writer: ShardWriter, name: str, qweight: QuantizedTensor, scheme: Scheme,
+                 dtype, bias: Tensor | None = None, input_scale: Tensor | None = None,
+                 igs: Tensor | None = None) -> None:
+    """One quantized linear's tensors exactly as io.compressed_tensors.model_tensors writes them."""
+    for local, t in ct.layer_tensors(qweight, dtype, ct.compression_format(scheme)).items():
+        writer.add(f"{name}.{local}", t)
+    if bias is not None:
+        writer.add(f"{name}.bias", bias.to(dtype))
+    if input_scale is not None:
+        writer.add(f"{name}.input_scale", input_scale.float().reshape(1))
+    if igs is not None:
+        writer.add(f"{name}.input_global_scale", igs.float().reshape(1))
+
+
+def _emit_module(writer: ShardWriter, prefix: str, module: nn.Module, dtype,
+                 igs: dict[str, Tensor]) -> None:
+    """A materialized module's tensors: QuantLinears compressed, everything else in dtype."""
+    qls = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    for n, t in module.state_dict().items():
+        mod = n.rpartition(".")[0]
+        if mod in qls and n != f"{mod}.bias":
+            continue
+        if mod not in qls:
+            writer.add(prefix + n, t.to(dtype) if t.is_floating_point() else t)
+    for n, q in qls.items():
+        _emit_linear(writer, prefix + n, q.qweight, q.scheme, dtype, q.bias, q.input_scale,
+                     igs.get(n))
+
+
+def _first_hidden(model: nn.Module, ckpt: LazyCheckpoint, calib: Tensor, dtype, device):
+    """(hidden (B, T, d), layer kwargs) entering decoder layer 0: the embeddings materialized,
+    the rotary embedding rebuilt on device (its buffers are not in the checkpoint), then the
+    model run up to layer 0, as algorithms.calibration.first_layer_inputs does."""
+    from quantlab.algorithms.calibration import first_layer_inputs
+
+    inner = model.get_submodule(layer_list(model)[0].rpartition(".")[0])
+    embed = model.get_input_embeddings()
+    prefix = next(n for n, m in model.named_modules() if m is embed) + "."
+    _materialize(embed, prefix, ckpt, dtype, device)
+    rot = getattr(inner, "rotary_emb", None)
+    if rot is not None:
+        with torch.device(device):
+            inner.rotary_emb = type(rot)(config=model.config)
+    try:
+        return first_layer_inputs(model, calib.to(device))
+    finally:
+        embed.to_empty(device="meta")
+
+
+def _amax_hooks(modules: dict[str, nn.Module], store: dict[str, Tensor]):
+    from quantlab.algorithms.calibration import input_hooks
+
+    return input_hooks(modules, lambda n, x: store.__setitem__(
+        n, torch.maximum(store.get(n, torch.zeros(())), x.detach().abs().amax().float().cpu())))
+
+
+@torch.no_grad()
+def _gptq_layer(layer: nn.Module, prefix: str, hidden: Tensor, kwargs: dict, scheme: Scheme,
+                ignore, percdamp: float, blocksize: int, act_order: bool) -> None:
+    """algorithms.gptq's loop body for one decoder layer (its inputs `hidden`), in place."""
+    from quantlab.algorithms.calibration import input_hooks, layer_linears, run_layer
+    from quantlab.algorithms.gptq import SHARED_INPUT, _split_rows, gptq_quantize
+
+    ts, act = scheme.weights, scheme.activations
+    fmax = act.element.max if act is not None else 1.0
+    stackable = ts.granularity.per_row and not ts.scale_rule.global_scale_bits
+    paths = {p.removesuffix(".linear"): p for p in layer_linears(layer)}
+    groups = [[paths[n] for n in names if not matches_any(prefix + n, ignore)]
+              for names in SHARED_INPUT]
+    groups = [g for g in groups if g]
+    first = {g[0]: layer.get_submodule(g[0]) for g in groups}
+    dev = hidden.device
+    with torch.device(dev):  # gptq_quantize's own tensors (torch.zeros, torch.eye) on dev too
+        stats = {p: [torch.zeros(m.in_features, m.in_features), 0, torch.zeros(())]
+                 for p, m in first.items()}
+
+        def accumulate(path, x):
+            x = x.reshape(-1, x.shape[-1]).float()
+            st = stats[path]
+            st[0] += x.T @ x
+            st[1] += x.shape[0]
+            st[2] = torch.maximum(st[2], x.abs().amax())
+
+        with input_hooks(first, accumulate):
+            run_layer(layer, hidden, kwargs)
+        for group in groups:
+            xtx, n, amax = stats[group[0]]
+            H = 2 * xtx / n
+            lins = [layer.get_submodule(p) for p in group]
+            if stackable and len(lins) > 1:
+                W = torch.cat([m.weight for m in lins])
+                qts = _split_rows(gptq_quantize(W, H, ts, percdamp, blocksize, act_order),
+                                  [m.out_features for m in lins])
+            else:
+                qts = [gptq_quantize(m.weight, H, ts, percdamp, blocksize, act_order)
+                       for m in lins]
+            act_scale = (amax / fmax).clamp(min=1e-12) if act is not None and not act.dynamic \
+                else None
+            for path, lin, qt in zip(group, lins, qts, strict=True):
+                parent, _, child = path.rpartition(".")
+                setattr(layer.get_submodule(parent), child,
+                        QuantLinear.from_linear(lin, scheme, qweight=qt, act_scale=act_scale))
+
+
+@torch.no_grad()
+def _awq_layer(layer: nn.Module, xs: dict[str, Tensor], scheme: Scheme, n_grid: int = 20,
+               clip: bool = True) -> None:
+    """algorithms.awq.awq_scale_model's loop body for one decoder layer, in place (a float
+    transform plus clipping); xs: its probes' inputs from the float model."""
+    from quantlab.algorithms.awq import search_clip, search_scales
+    from quantlab.algorithms.smoothquant import migrate_scales
+
+    ts = scheme.weights
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+              ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+              ("down", mlp.up_proj, [mlp.down_proj])]
+    if attn.v_proj.out_features == attn.o_proj.in_features:
+        groups.insert(1, ("o", attn.v_proj, [attn.o_proj]))
+    for key, prev, lins in groups:
+        s, _, _ = search_scales(xs[key], [m.weight for m in lins], ts, n_grid)
+        migrate_scales(prev, lins, s.to(lins[0].weight.device))
+        if not clip:
+            continue
+        x = xs[key] / s
+        x = x[:: max(1, len(x) // 1024)]
+        for lin in lins:
+            if lin not in (attn.q_proj, attn.k_proj):
+                lin.weight.copy_(search_clip(x, lin.weight, ts))
+
+
+def _rtn_layer(layer: nn.Module, prefix: str, quant: dict[str, Scheme],
+               act_scales: dict[str, Tensor]) -> None:
+    """quantize_model on one layer: its targeted nn.Linear -> QuantLinear, in place."""
+    for n, m in list(layer.named_modules()):
+        if isinstance(m, nn.Linear) and prefix + n in quant:
+            parent, _, child = n.rpartition(".")
+            q = QuantLinear.from_linear(m, quant[prefix + n], act_scale=act_scales.get(n))
+            setattr(layer.get_submodule(parent) if parent else layer, child, q)
+
+
+def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Path, *,
+                      algorithm: str = "rtn", calib: Tensor | None = None,
+                      device: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                      ignore: tuple[str, ...] = ("lm_head",), max_shard_bytes: int | str = "1GB",
+                      overwrite: bool = False, tokenizer=None, percdamp: float = 0.1,
+                      blocksize: int = 128, act_order: bool = False,
+                      progress: bool | None = None) -> Path:
+    """Quantize the safetensors checkpoint in model_dir one decoder layer at a time and write a
+    compressed-tensors directory to out as the layers finish (shards + index, config.json,
+    tokenizer files). calib: (B, T) int64 token ids, needed for gptq/awq and for schemes with
+    static activation scales or NVFP4 activations. progress: tqdm bars (None: when a terminal).
+    Written to a temporary directory beside out and renamed at the end."""
+    from quantlab.algorithms.calibration import check_calibration, input_hooks, run_layer
+
+    scheme = get_scheme(scheme)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} is not one of {ALGORITHMS}")
+    device = device or default_device()
+    act = scheme.activations
+    static = act is not None and not act.dynamic
+    w4a4 = act is not None and act.scale_rule == NVFP4
+    if algorithm == "awq" and (static or w4a4):
+        raise ValueError(f"AWQ with {scheme.name}'s calibrated activation scales is not "
+                         "layer-sequential yet (the reference calibrates them on the clipped "
+                         "model); use --pipeline in-memory, or a weight-only/dynamic scheme")
+    needs_forward = algorithm != "rtn" or static or w4a4
+    if needs_forward:
+        if calib is None:
+            raise ValueError(f"{algorithm} with {scheme.name} needs calibration token ids (B, T)")
+        check_calibration(calib, 1 if algorithm == "rtn" else 512)
+    model = skeleton(model_dir)
+    layers_name, layers = layer_list(model)
+    ct.weight_args(scheme.weights)  # unsupported schemes fail before any work
+    ct.activation_args(act)
+    quant, full = _targets(model, scheme, ignore)
+    outer_quant = [n for n in quant if not n.startswith(layers_name + ".")]
+    if needs_forward and outer_quant:
+        raise ValueError(f"{outer_quant} lie outside the decoder layers and would need "
+                         "calibration there; leave them in ignore= or use --pipeline in-memory")
+    ckpt = LazyCheckpoint(model_dir)
+    sd = model.state_dict(keep_vars=True)
+    seen, wanted = set(), []
+    for n, t in sd.items():  # tied weights: the first name only, as model_tensors does
+        if id(t) not in seen:
+            seen.add(id(t))
+            wanted.append(n)
+    missing = [n for n in wanted if n not in ckpt]
+    if missing:
+        raise KeyError(f"{model_dir}: {len(missing)} tensors the config needs are in no shard, "
+                       f"e.g. {missing[:3]}; the checkpoint is incomplete or belongs to another "
+                       "config (check config.json and re-download the shards)")
+    out = Path(out)
+    _check_disk(out, ckpt, model, quant, dtype)
+    in_layer = {n for n in wanted if n.startswith(layers_name + ".")}
+    qconfig = ct.quantization_config_for(quant, full)
+    config = model.config.to_dict()
+    bar = dict(disable=None if progress is None else not progress, dynamic_ncols=True)
+
+    with atomic_output(out, overwrite) as tmp:
+        shards = tqdm(desc="shards written", unit="shard", position=1, **bar)
+        writer = ShardWriter(tmp, max_shard_bytes, progress=shards)
+
+        def write_tensor(n: str) -> None:  # read, quantize or cast, write: one tensor alone
+            t = ckpt.load([n])[n]
+            mod = n.rpartition(".")[0]
+            if mod in quant and n == f"{mod}.weight":
+                qt = quantize(_rounded(t, dtype, device), quant[mod].weights)
+                bias = (_rounded(ckpt.load([f"{mod}.bias"])[f"{mod}.bias"], dtype, device)
+                        if f"{mod}.bias" in ckpt else None)
+                _emit_linear(writer, mod, qt, quant[mod], dtype, bias)
+            elif not (mod in quant and n == f"{mod}.bias"):
+                writer.add(n, t.float().to(dtype) if t.is_floating_point() else t)
+
+        for n in wanted:
+            if n not in in_layer and n.rpartition(".")[0] not in quant:
+                write_tensor(n)
+        hidden = kwargs = None
+        if needs_forward:
+            hidden, kwargs = _first_hidden(model, ckpt, calib, dtype, device)
+        for i in tqdm(range(len(layers)), desc="layers", unit="layer", position=0, **bar):
+            prefix = f"{layers_name}.{i}."
+            if not needs_forward:
+                for n in wanted:
+                    if n.startswith(prefix):
+                        write_tensor(n)
+                _release(layers, i)
+                continue
+            layer = layers[i]
+            _materialize(layer, prefix, ckpt, dtype, device)
+            igs: dict[str, Tensor] = {}
+            if algorithm == "gptq":
+                _gptq_layer(layer, prefix, hidden, kwargs, scheme, ignore, percdamp, blocksize,
+                            act_order)
+            elif algorithm == "awq":
+                xs: dict[str, Tensor] = {}
+                probes = {"qkv": layer.self_attn.q_proj, "o": layer.self_attn.o_proj,
+                          "gate_up": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
+                with input_hooks(probes, lambda k, x, xs=xs: xs.__setitem__(
+                        k, x.reshape(-1, x.shape[-1]).float())):
+                    hidden = run_layer(layer, hidden, kwargs)  # the float model's stream
+                step = max(1, -(-calib.numel() // 4096))  # collect_inputs' max_rows=4096
+                _awq_layer(layer, {k: x[::step] for k, x in xs.items()}, scheme)
+                del xs
+                _rtn_layer(layer, prefix, quant, {})
+            else:
+                amax: dict[str, Tensor] = {}
+                if static:  # static_act_scales: the float model's inputs
+                    lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)
+                            and prefix + n in quant}
+                    with _amax_hooks(lins, amax):
+                        hidden = run_layer(layer, hidden, kwargs)
+                fmax = act.element.max if act is not None else 1.0
+                _rtn_layer(layer, prefix, quant,
+                           {n: (a / fmax).clamp(min=1e-12) for n, a in amax.items()})
+            if algorithm == "gptq" or w4a4:  # the quantized model's stream
+                qls = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+                with _amax_hooks(qls if w4a4 else {}, igs):
+                    hidden = run_layer(layer, hidden, kwargs)
+                igs = {n: NVFP4_GLOBAL_DENOM / a.clamp(min=1e-12) for n, a in igs.items()}
+            _emit_module(writer, prefix, layer, dtype, igs)
+            _release(layers, i)
+        for n in outer_quant:
+            write_tensor(f"{n}.weight")
+        writer.close()
+        shards.close()
+        ct.write_config_and_tokenizer(tmp, config, dtype, qconfig, model_dir, tokenizer)
+    return out
