@@ -124,6 +124,11 @@ def test_existing_output_needs_overwrite(tiny, calib_ids, tmp_path):  # noqa: F8
     with pytest.raises(FileExistsError, match="overwrite"):
         ct.export_compressed_tensors(m, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
-    ct.export_compressed_tensors(m, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(FileExistsError, match="not a quantlab export"):  # user files survive
+        ct.export_compressed_tensors(m, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    ct.export_compressed_tensors(m, tmp_path / "new")
+    (tmp_path / "new" / "stale.txt").write_text("y")  # a previous export: replaced whole
+    ct.export_compressed_tensors(m, tmp_path / "new", overwrite=True)
+    assert not (tmp_path / "new" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]

@@ -304,7 +304,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None,
 
     qconfig = quantization_config(model)
     tensors = model_tensors(model, dtype, input_global_scales)
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, source=source_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_config_and_tokenizer(tmp, model.config.to_dict(), dtype, qconfig, source_dir,
                                    tokenizer)
@@ -324,10 +324,23 @@ def write_config_and_tokenizer(folder: Path, config: dict, dtype: torch.dtype, q
     if source_dir is not None:
         for f in TOKENIZER_FILES:
             if (Path(source_dir) / f).is_file():
-                shutil.copy2(Path(source_dir) / f, folder / f)
+                shutil.copy2(_inside(Path(source_dir), f), folder / f)
                 copied = copied or f.startswith("tokenizer")
     if tokenizer is not None and not copied:
         tokenizer.save_pretrained(str(folder))
+
+
+def _inside(source_dir: Path, name: str) -> Path:
+    """source_dir / name, refusing a symlink that leads out of the model folder (a Hugging Face
+    cache snapshot's links into its own blobs/ folder are fine)."""
+    path, root = source_dir / name, source_dir.resolve()
+    real = path.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(real == a or a in real.parents for a in allowed):
+        raise ValueError(f"{path} is a link to {real}, outside the model folder {root}; quantlab "
+                         "will not copy files from elsewhere into an export: replace the link "
+                         "with the file itself")
+    return path
 
 
 def vllm_serve_command(out: str | Path, scheme: Scheme | None = None) -> str:

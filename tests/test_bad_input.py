@@ -1,0 +1,178 @@
+"""Bad input never passes silently and nothing on disk is lost (issue 18).
+
+One row per case: the call, and either the key words of the clear error it must raise or a
+check of the correct result. Data-loss cases use real temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantlab.io.safetensors_io import MARKER, OWNER, atomic_output
+
+# --- data loss: export never deletes what it did not write --------------------------------
+
+
+def _export(out, overwrite=False, source=None, is_dir=True, text="new"):
+    with atomic_output(out, overwrite, is_dir, source=source) as tmp:
+        (tmp / "model.safetensors" if is_dir else tmp).write_text(text)
+    return Path(out)
+
+
+def test_overwrite_keeps_user_folder(tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not a quantlab export"):
+        _export(user, overwrite=True)
+    assert (user / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_overwrite_replaces_previous_export_and_empty_folder(tmp_path):
+    out = _export(tmp_path / "out", text="old")
+    assert (out / MARKER).is_file() and not (out / OWNER).exists()
+    _export(out, overwrite=True, text="new")
+    assert (out / "model.safetensors").read_text() == "new"
+    (tmp_path / "empty").mkdir()
+    _export(tmp_path / "empty", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
+
+
+def test_source_folder_refused(tmp_path):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "model.safetensors").write_text("weights")
+    (src / MARKER).write_text("")  # even a source that looks like an export
+    for out in (src, tmp_path):
+        with pytest.raises(ValueError, match="source model"):
+            _export(out, overwrite=True, source=src)
+    assert (src / "model.safetensors").read_text() == "weights"
+
+
+def test_cwd_and_ancestors_refused(tmp_path, monkeypatch):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    (work / "keep").write_text("x")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(ValueError, match="working folder"):
+            _export(out, overwrite=True)
+    assert (work / "keep").exists()
+
+
+def test_symlink_refused(tmp_path):
+    real = _export(tmp_path / "real", text="old")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(ValueError, match="symlink.*real path"):
+        _export(tmp_path / "link", overwrite=True)
+    assert (real / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_file_export_replaces_only_gguf(tmp_path):
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    with pytest.raises(FileExistsError, match="not a GGUF file"):
+        _export(notes, overwrite=True, is_dir=False)
+    assert notes.read_text() == "my notes"
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF old")
+    _export(g, overwrite=True, is_dir=False, text="GGUF new")
+    assert g.read_text() == "GGUF new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.gguf"]
+
+
+def _killed_export(out: Path) -> None:
+    """Start an export in another process and kill it mid-write: its .partial stays behind."""
+    code = ("import os, signal, sys\nfrom quantlab.io.safetensors_io import atomic_output\n"
+            "with atomic_output(sys.argv[1]) as t:\n"
+            "    (t / 'x').write_text('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", code, str(out)], check=False)
+
+
+def test_stale_partial_cleaned_but_not_others(tmp_path):
+    out = tmp_path / "out"
+    _killed_export(out)
+    stale = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert len(stale) == 1 and (stale[0] / OWNER).is_file()
+    lookalike = tmp_path / ".out.abcdefgh.partial"  # right name, no owner file: not ours
+    lookalike.mkdir()
+    live = tmp_path / ".out.livelive.partial"  # ours, but its process is running
+    live.mkdir()
+    (live / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    _export(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", lookalike.name, live.name])
+
+
+def test_crash_between_renames_is_undone(tmp_path):
+    out = _export(tmp_path / "out", text="old")
+    aside = tmp_path / ".out.old-999999999"  # what a crash after the first rename leaves
+    (out / OWNER).write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))
+    os.replace(out, aside)
+    with pytest.raises(FileExistsError, match="overwrite"):  # the old export is back
+        _export(out)
+    assert (out / "model.safetensors").read_text() == "old" and not (out / OWNER).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_modes_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = _export(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_disk_full_says_so(tmp_path):
+    import errno
+
+    with pytest.raises(OSError, match="disk full.*nothing was written.*free") as info:
+        with atomic_output(tmp_path / "out") as tmp:
+            (tmp / "a").write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_symlink_out_of_model_folder_refused(tmp_path):
+    import torch
+
+    from quantlab.io.compressed_tensors import write_config_and_tokenizer
+
+    src, out = tmp_path / "model", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (tmp_path / "secret").write_text("ssh key")
+    (src / "tokenizer.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(ValueError, match="outside the model folder"):
+        write_config_and_tokenizer(out, {}, torch.bfloat16, {}, src)
+    assert not (out / "tokenizer.json").exists()
+    snap = tmp_path / "hub" / "snapshots" / "abc"  # a hub cache's links into blobs/ are fine
+    (tmp_path / "hub" / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "blobs" / "f00").write_text("{}")
+    (snap / "tokenizer.json").symlink_to(tmp_path / "hub" / "blobs" / "f00")
+    write_config_and_tokenizer(out, {}, torch.bfloat16, {}, snap)
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_export_refuses_source_folder(tmp_path):
+    from quantlab.io.compressed_tensors import export_compressed_tensors
+    from quantlab.nn import quantize_model
+    from tests.test_io_fixtures import make_tiny
+
+    model, tok = make_tiny(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    q = quantize_model(model, "w4a16")
+    with pytest.raises(ValueError, match="source model"):
+        export_compressed_tensors(q, tmp_path, tokenizer=tok, source_dir=tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
