@@ -6,6 +6,7 @@
     quantlab formats                       # the element and scale formats, and the presets
     quantlab export --scheme w4a16 --to compressed-tensors --out DIR       # a vLLM checkpoint
     quantlab audit DIR --reference embedded                                # check a checkpoint
+    quantlab throughput --model 8b --schemes bf16,w4a16   # tokens/s through the kernels
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_export_parser(sub)
     add_audit_parser(sub)
+    from quantlab.throughput import add_parser as add_throughput_parser
+
+    add_throughput_parser(sub)
     f = sub.add_parser("formats", help="list element formats and scheme presets")
     f.add_argument("--sqnr-size", type=int, default=0,
                    help="also measure each format's SQNR on an N x N N(0, 1) tensor")

@@ -1,0 +1,391 @@
+"""Tokens per second of a (quantized) Llama model: prefill, then greedy decode from a static KV
+cache, each decode step replayed from one CUDA graph (gpt-fast style), so the host does not hide
+the kernels.
+
+    rows = throughput("8b", schemes=("bf16", "w4a16"), batches=(1, 16))   # Python API
+    quantlab throughput --model 8b --schemes bf16,w4a16,fp8_dynamic       # CLI
+
+The decode loop (`forward`) runs the Hugging Face model's own modules (embedding, norms,
+projections, which are QuantLinear after quantize_model, MLP, rotary embedding) but keeps the KV
+cache in preallocated tensors (B, kv_heads, max_len, head_dim) per layer and writes the step's
+keys and values at its position with index_copy_: no shapes or Python branches change between
+steps, so one captured graph replays every step. Grouped-query heads share K/V without copying
+it: the query heads of a group are folded into the query length.
+
+Per (scheme, batch) a row holds decode tokens/s, time per step, peak GPU memory and the byte
+floor: weights read once per step (every linear layer's stored bytes, the norms and lm_head) plus
+the KV cache up to the context length, over the measured copy bandwidth. Prefill rows hold
+prefill tokens/s at batch 1 and the time to first token (the prefill of the prompt). On a CPU the
+reference backend runs eagerly and the rows say device "cpu": CPU numbers, not a GPU's.
+
+Models: "stdlib" (the embedded stdlib-llama), "8b" and "70b" (Llama-3 shapes from a LlamaConfig,
+random weights). A model too large for the GPU runs with fewer layers (`layers=`); its times are
+then scaled by (model layers / layers run) and the row says so (`layers_run`, `scaled`): this
+scales the embedding and lm_head with the layers too, so the scaled time is an upper bound by
+their share of the bytes (about 1% for 70B at 10 of 80 layers).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BATCHES = (1, 4, 16, 64, 256)
+MODELS = {  # Llama-3 shapes; vocab 128256, rope theta 500000
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8),
+}
+
+
+@dataclass
+class StaticCache:
+    """Preallocated keys and values, one (B, kv_heads, max_len, head_dim) pair per layer."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+
+    @classmethod
+    def empty(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype) -> StaticCache:
+        cfg = model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (batch, cfg.num_key_value_heads, max_len, d)
+        dev = model.lm_head.weight.device
+        n = len(model.model.layers)
+        return cls([torch.zeros(shape, dtype=dtype, device=dev) for _ in range(n)],
+                   [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(n)])
+
+    @property
+    def nbytes_per_token(self) -> int:
+        """KV bytes per position per sequence, all layers."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
+
+
+def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> Tensor:
+    """ids (B, T) at positions pos (T,) long -> logits (B, V) of the last position, float32.
+    Writes the T positions' keys and values into cache; attends to positions <= each one."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, T = ids.shape
+    h = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(h, pos[None])
+    L = cache.k[0].shape[2]
+    mask = pos[:, None] >= torch.arange(L, device=ids.device)[None]          # (T, L)
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = a.q_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)          # (B, H, T, D)
+        k = a.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)          # (B, Hkv, T, D)
+        v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cache.k[i].index_copy_(2, pos, k)
+        cache.v[i].index_copy_(2, pos, v)
+        hkv = k.shape[1]
+        g = q.shape[1] // hkv  # query heads per KV head, folded into the query length
+        qg = q.reshape(B, hkv, g * T, a.head_dim)
+        o = F.scaled_dot_product_attention(qg, cache.k[i], cache.v[i],
+                                           attn_mask=mask.repeat(g, 1), scale=a.scaling)
+        o = o.reshape(B, -1, T, a.head_dim).transpose(1, 2).reshape(B, T, -1)
+        h = h + a.o_proj(o)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(model.model.norm(h[:, -1])).float()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: Tensor, steps: int) -> Tensor:
+    """Greedy tokens (B, steps) after prompt (B, P), eagerly through forward (the reference for
+    the graphed decode and for transformers' generate)."""
+    B, P = prompt.shape
+    cache = StaticCache.empty(model, B, P + steps, model.lm_head.weight.dtype)
+    tok = forward(model, cache, prompt, torch.arange(P, device=prompt.device)).argmax(-1)
+    out = [tok]
+    for t in range(P, P + steps - 1):
+        tok = forward(model, cache, tok[:, None], torch.tensor([t], device=prompt.device))
+        tok = tok.argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1)
+
+
+def build_model(name: str, layers: int | None = None, device: str = "cuda",
+                dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:
+    """"stdlib" (embedded) or a Llama-3-shaped model ("8b", "70b") with random N(0, 0.02)
+    weights, truncated to `layers` decoder layers when given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if name == "stdlib":
+        from quantlab.models import load_causal_lm
+
+        model, _ = load_causal_lm(dtype=dtype, device=device)
+    elif name in MODELS:
+        cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                          **MODELS[name])
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
+    else:
+        raise ValueError(f"model {name!r}: use 'stdlib', '8b' or '70b'")
+    if layers is not None and layers < len(model.model.layers):
+        model.model.layers = model.model.layers[:layers]
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads for weights: QuantLinear layers at their stored bits (the
+    reference backend keeps a float copy too, which a serving engine would not read), every
+    other parameter and buffer as stored, but the embedding table (one row per token) and the
+    rotary tables."""
+    from quantlab.nn import QuantLinear
+
+    total, counted = 0, set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += math.ceil(m.storage_bits / 8)
+            counted.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
+    skip = counted | {id(t) for t in model.model.embed_tokens.parameters()}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) not in skip and "rotary" not in name:
+            total += t.numel() * t.element_size()
+            skip.add(id(t))
+    return total
+
+
+def _timer(device: torch.device):
+    """fn, n -> median seconds of one call (CUDA events on a GPU, perf_counter on a CPU)."""
+    def run(fn, n: int = 3) -> float:
+        times = []
+        for _ in range(n):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    return run
+
+
+def decode_step_time(model: nn.Module, batch: int, context: int, steps: int,
+                     graphs: bool = True) -> float:
+    """Seconds per greedy decode step at `batch` sequences with `context` cached positions
+    (cache filled with random values: attention costs the same), median over `steps` steps
+    replayed from one CUDA graph (graphs=True on a GPU) or run eagerly."""
+    dev = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    cache = StaticCache.empty(model, batch, context + steps + 8, dtype)
+    for t in cache.k + cache.v:
+        t[:, :, :context].normal_()
+    tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    pos = torch.tensor([context], device=dev)
+
+    def step():
+        nxt = forward(model, cache, tok, pos).argmax(-1)
+        tok.copy_(nxt[:, None])
+        pos.add_(1)
+
+    timer = _timer(dev)
+    if dev.type != "cuda" or not graphs:
+        step()
+        return timer(step, n=steps)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: kernel configs picked and compiled before capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    pos.fill_(context)
+    g.replay()
+    return timer(g.replay, n=steps)
+
+
+def prefill_time(model: nn.Module, tokens: int) -> float:
+    """Seconds to prefill one sequence of `tokens` (eager: large launches), median of 3."""
+    dev = model.lm_head.weight.device
+    cache = StaticCache.empty(model, 1, tokens, model.lm_head.weight.dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=dev)
+    pos = torch.arange(tokens, device=dev)
+    forward(model, cache, ids, pos)
+    return _timer(dev)(lambda: forward(model, cache, ids, pos), n=3)
+
+
+@dataclass
+class Row:
+    model: str
+    scheme: str
+    kv: str
+    kind: str                  # "decode" or "prefill"
+    batch: int
+    context: int               # cached positions (decode) or prompt tokens (prefill)
+    tokens_per_s: float
+    ms: float                  # per decode step, or the prefill (= time to first token)
+    floor_tokens_per_s: float | None   # decode: bytes read per step / copy bandwidth
+    weight_gb: float
+    kv_gb: float               # KV read per step (decode) / written (prefill)
+    peak_gb: float | None
+    layers_run: int
+    scaled: bool
+    backend: str
+    device: str
+    bandwidth_gbs: float | None  # measured copy bandwidth the floor divides by
+
+
+@torch.no_grad()
+def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "w4a16"),
+               batches: tuple[int, ...] = BATCHES, context: int = 512, prompt: int = 512,
+               steps: int = 20, layers: int | None = None, backend: str = "auto",
+               device: str | None = None, bandwidth: float | None = None,
+               log=print) -> list[Row]:
+    """Rows for each scheme ("bf16" = unquantized) and batch; see the module doc."""
+    from quantlab.nn import QuantLinear, quantize_model
+    from quantlab.schemes import get_scheme
+
+    for s in schemes:  # unknown names fail before any work
+        if s != "bf16":
+            get_scheme(s)
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if bandwidth is None and cuda:
+        from quantlab.bench import copy_bandwidth
+
+        bandwidth = copy_bandwidth()
+    dtype = torch.bfloat16  # on a CPU too: same model, slower numbers
+    base = build_model(model_name, layers, device, dtype)
+    n_model = (MODELS[model_name]["num_hidden_layers"] if model_name in MODELS
+               else base.config.num_hidden_layers)
+    n_run = len(base.model.layers)
+    scale = n_model / n_run
+    rows: list[Row] = []
+    for scheme in schemes:
+        if scheme == "bf16":
+            model = base
+        else:  # static activation scales (fp8_per_tensor) from one random batch; {} otherwise
+            from quantlab.algorithms.calibration import static_act_scales
+
+            calib = torch.randint(0, base.config.vocab_size, (1, 64), device=dev)
+            scales = static_act_scales(base, get_scheme(scheme), calib)
+            model = quantize_model(copy.deepcopy(base), scheme, act_scales=scales,
+                                   backend=backend)
+        backends = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
+        wbytes = weight_bytes(model) * scale
+        kv_tok = StaticCache.empty(model, 1, 1, dtype).nbytes_per_token * scale
+        common = dict(model=model_name, scheme=scheme, kv=str(dtype).replace("torch.", ""),
+                      weight_gb=wbytes / 1e9, layers_run=n_run, scaled=n_run != n_model,
+                      backend="+".join(backends) or "torch", device=_device_name(dev),
+                      bandwidth_gbs=bandwidth / 1e9 if bandwidth else None)
+        for b in batches:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                sec = decode_step_time(model, b, context, steps) * scale
+            except torch.OutOfMemoryError:
+                log(f"{scheme} batch {b}: out of GPU memory, skipped")
+                continue
+            kv = b * context * kv_tok
+            floor = b / ((wbytes + kv) / bandwidth) if bandwidth else None
+            rows.append(Row(kind="decode", batch=b, context=context, tokens_per_s=b / sec,
+                            ms=sec * 1e3, floor_tokens_per_s=floor, kv_gb=kv / 1e9,
+                            peak_gb=_peak(cuda), **common))
+            log(_fmt(rows[-1]))
+        if prompt:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sec = prefill_time(model, prompt) * scale
+            rows.append(Row(kind="prefill", batch=1, context=prompt, tokens_per_s=prompt / sec,
+                            ms=sec * 1e3, floor_tokens_per_s=None,
+                            kv_gb=prompt * kv_tok / 1e9, peak_gb=_peak(cuda), **common))
+            log(_fmt(rows[-1]))
+        del model
+    return rows
+
+
+def _peak(cuda: bool) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+HEADER = ("model", "scheme", "kind", "batch", "ctx", "tok/s", "ms", "floor tok/s", "% floor",
+          "peak GB", "backend")
+
+
+def _fmt(r: Row) -> str:
+    pct = f"{100 * r.tokens_per_s / r.floor_tokens_per_s:.0f}" if r.floor_tokens_per_s else "-"
+    floor = f"{r.floor_tokens_per_s:.1f}" if r.floor_tokens_per_s else "-"
+    peak = f"{r.peak_gb:.2f}" if r.peak_gb is not None else "-"
+    return " | ".join((r.model + ("*" if r.scaled else ""), r.scheme, r.kind, str(r.batch),
+                       str(r.context), f"{r.tokens_per_s:.1f}", f"{r.ms:.3f}", floor, pct, peak,
+                       r.backend))
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table; * after the model: times scaled from fewer layers (module doc)."""
+    lines = [" | ".join(HEADER), " | ".join("---" for _ in HEADER)]
+    return "\n".join(lines + [_fmt(r) for r in rows])
+
+
+def to_json(rows: list[Row]) -> dict:
+    """{device, torch, triton, date, bandwidth, rows}: what data/bench/e2e-<device>.json holds."""
+    import triton
+
+    dev = rows[0].device if rows else "cpu"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(),
+            "copy_bandwidth_gbs": rows[0].bandwidth_gbs if rows else None,
+            "cpu_numbers": dev == "cpu",
+            "rows": [asdict(r) for r in rows]}
+
+
+def save(rows: list[Row], path) -> None:
+    with open(path, "w") as f:
+        json.dump(to_json(rows), f, indent=1)
+
+
+def add_parser(sub) -> None:
+    """The `quantlab throughput` subcommand (registered by quantlab.cli)."""
+    t = sub.add_parser("throughput", help="tokens/s of quantized models through the kernels: "
+                       "prefill, decode at several batches, the byte floor")
+    t.add_argument("--model", default="stdlib", choices=("stdlib", *MODELS))
+    t.add_argument("--schemes", default="bf16,w4a16",
+                   help="comma-separated: bf16 (unquantized) and scheme presets")
+    t.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    t.add_argument("--context", type=int, default=512, help="cached positions while decoding")
+    t.add_argument("--prompt", type=int, default=512, help="prefill tokens (0: no prefill)")
+    t.add_argument("--steps", type=int, default=20, help="timed decode steps per batch")
+    t.add_argument("--layers", type=int, help="decoder layers to build (times scaled up)")
+    t.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    t.add_argument("--json", help="write {device, torch, triton, date, rows} to this file")
+    t.set_defaults(func=cmd_throughput)
+
+
+def cmd_throughput(args) -> int:
+    rows = throughput(args.model, tuple(args.schemes.split(",")),
+                      tuple(int(b) for b in args.batches.split(",")), args.context, args.prompt,
+                      args.steps, args.layers, args.backend, log=lambda m: None)
+    if rows and rows[0].device == "cpu":
+        print("CPU numbers (no CUDA GPU here): the reference backend, eager, bf16 on the CPU; "
+              "not what a GPU does")
+    print(table(rows))
+    if args.json:
+        save(rows, args.json)
+    return 0

@@ -1,0 +1,49 @@
+"""quantlab.throughput: the static-cache decode loop against transformers' generate, and the
+command on the CPU with tiny settings (CPU numbers, reference backend)."""
+
+import json
+
+import torch
+
+from quantlab.cli import main
+from quantlab.throughput import StaticCache, build_model, generate, throughput, weight_bytes
+
+
+def test_static_cache_decode_equals_transformers_generate():
+    model = build_model("stdlib", device="cpu", dtype=torch.float32)
+    prompt = (torch.arange(1, 17) * 131 % 4096).reshape(2, 8)
+    ours = generate(model, prompt, 5)
+    with torch.no_grad():
+        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                                min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs[:, 8:])
+
+
+def test_rows_floor_and_bytes():
+    model = build_model("stdlib", device="cpu")
+    cache = StaticCache.empty(model, 1, 1, torch.bfloat16)
+    assert cache.nbytes_per_token == 6 * 2 * 2 * 64 * 2  # layers x (k, v) x kv heads x dim x 2 B
+    wb = weight_bytes(model)
+    assert 6.5e6 < wb < 13.6e6  # bf16 weights without the 4096 x 256 embedding
+    rows = throughput("stdlib", ("bf16", "w4a16"), batches=(1, 2), context=8, prompt=8, steps=2,
+                      layers=2, bandwidth=1e11, log=lambda m: None)
+    assert [(r.scheme, r.kind, r.batch) for r in rows] == [
+        ("bf16", "decode", 1), ("bf16", "decode", 2), ("bf16", "prefill", 1),
+        ("w4a16", "decode", 1), ("w4a16", "decode", 2), ("w4a16", "prefill", 1)]
+    assert all(r.tokens_per_s > 0 and r.device == "cpu" and r.scaled for r in rows)
+    dec = {r.scheme: r for r in rows if r.kind == "decode" and r.batch == 1}
+    # w4a16 stores about a quarter of the linear-layer bytes; lm_head stays bf16
+    assert dec["w4a16"].weight_gb < 0.8 * dec["bf16"].weight_gb
+    assert dec["w4a16"].floor_tokens_per_s > dec["bf16"].floor_tokens_per_s
+    assert dec["w4a16"].backend == "reference"
+
+
+def test_cli_throughput_cpu(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    assert main(["throughput", "--schemes", "bf16", "--batches", "1", "--context", "8",
+                 "--prompt", "8", "--steps", "2", "--layers", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "CPU numbers" in text and "| decode | 1 |" in text
+    data = json.loads(out.read_text())
+    assert data["cpu_numbers"] and data["rows"][0]["scheme"] == "bf16"
+    assert {"device", "torch", "triton", "date"} <= data.keys()
