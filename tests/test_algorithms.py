@@ -145,7 +145,9 @@ def test_gptq_model_beats_rtn(lm):
     assert all(isinstance(m, QuantLinear) for n, m in q.named_modules() if "proj" in n
                and not n.endswith("linear"))
     assert isinstance(q.lm_head, nn.Linear)  # ignored by default, as in quantize_model
-    assert kl(lm, q) < 0.95 * kl(lm, rtn(model, "w4a16"))
+    # GPTQ's whole-model result moves with the CPU's rounding: 0.935-0.951 of RTN's KL over
+    # ATEN_CPU_CAPABILITY default/avx2/avx512 x 1-2 threads x torch 2.11/2.13.
+    assert kl(lm, q) < 0.98 * kl(lm, rtn(model, "w4a16"))
     q = gptq(copy.deepcopy(model), W4_CHANNEL, calib, act_order=True)
     assert kl(lm, q) < 0.95 * kl(lm, rtn(model, W4_CHANNEL))  # measured 0.904
 
