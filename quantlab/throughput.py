@@ -31,6 +31,7 @@ import copy
 import datetime
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -197,13 +198,14 @@ def decode_step_time(model: nn.Module, batch: int, context: int, steps: int,
         pos.add_(1)
 
     timer = _timer(dev)
+    step()  # configs picked and kernels compiled outside any capture
     if dev.type != "cuda" or not graphs:
-        step()
         return timer(step, n=steps)
+    torch.cuda.synchronize()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up: kernel configs picked and compiled before capture
-        for _ in range(3):
+    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graph wants
+        for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
@@ -243,6 +245,7 @@ class Row:
     backend: str
     device: str
     bandwidth_gbs: float | None  # measured copy bandwidth the floor divides by
+    graphed: bool              # decode step replayed from a CUDA graph
 
 
 @torch.no_grad()
@@ -294,8 +297,16 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            graphed = cuda
             try:
-                sec = decode_step_time(model, b, context, steps) * scale
+                try:
+                    sec = decode_step_time(model, b, context, steps, graphs=cuda) * scale
+                except RuntimeError as err:  # a capture that fails: timed eagerly, and said so
+                    if not cuda or isinstance(err, torch.OutOfMemoryError):
+                        raise
+                    log(f"{scheme} batch {b}: CUDA graph capture failed ({err}); eager timing")
+                    graphed = False
+                    sec = decode_step_time(model, b, context, steps, graphs=False) * scale
             except torch.OutOfMemoryError:
                 log(f"{scheme} batch {b}: out of GPU memory, skipped")
                 continue
@@ -303,7 +314,7 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
             floor = b / ((wbytes + kv) / bandwidth) if bandwidth else None
             rows.append(Row(kind="decode", batch=b, context=context, tokens_per_s=b / sec,
                             ms=sec * 1e3, floor_tokens_per_s=floor, kv_gb=kv / 1e9,
-                            peak_gb=_peak(cuda), **common))
+                            peak_gb=_peak(cuda), graphed=graphed, **common))
             log(_fmt(rows[-1]))
         if prompt:
             if cuda:
@@ -311,7 +322,8 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
             sec = prefill_time(model, prompt) * scale
             rows.append(Row(kind="prefill", batch=1, context=prompt, tokens_per_s=prompt / sec,
                             ms=sec * 1e3, floor_tokens_per_s=None,
-                            kv_gb=prompt * kv_tok / 1e9, peak_gb=_peak(cuda), **common))
+                            kv_gb=prompt * kv_tok / 1e9, peak_gb=_peak(cuda), graphed=False,
+                            **common))
             log(_fmt(rows[-1]))
         del model
     return rows
@@ -381,7 +393,8 @@ def add_parser(sub) -> None:
 def cmd_throughput(args) -> int:
     rows = throughput(args.model, tuple(args.schemes.split(",")),
                       tuple(int(b) for b in args.batches.split(",")), args.context, args.prompt,
-                      args.steps, args.layers, args.backend, log=lambda m: None)
+                      args.steps, args.layers, args.backend,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
     if rows and rows[0].device == "cpu":
         print("CPU numbers (no CUDA GPU here): the reference backend, eager, bf16 on the CPU; "
               "not what a GPU does")
