@@ -320,7 +320,7 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
     config = model.config.to_dict()
     bar = dict(disable=None if progress is None else not progress, dynamic_ncols=True)
 
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, source=model_dir) as tmp:
         shards = tqdm(desc="shards written", unit="shard", position=1, **bar)
         writer = ShardWriter(tmp, max_shard_bytes, progress=shards)
 

@@ -58,17 +58,24 @@ def cmd_export(args) -> int:
     from quantlab.schemes import get_scheme
 
     scheme = get_scheme(args.scheme)
-    model, tok, src, label = _load(args.model)
-    needs_calib = (scheme.activations is not None and
+    needs_calib = (args.algorithm != "rtn" or scheme.activations is not None and
                    (not scheme.activations.dynamic or scheme.activations.scale_rule == NVFP4))
+    if _sequential(args):
+        return _export_sequential(args, scheme, needs_calib)
+    model, tok, src, label = _load(args.model)
     calib = _calib_ids(tok, args.calib_file, args.calib_tokens) if needs_calib else None
     base_params = {n: p.detach().to(DTYPES[args.dtype]).float() for n, p in
                    model.named_parameters()}
     with torch.no_grad():  # quantize what the checkpoint stores: weights rounded to --dtype
         for n, p in model.named_parameters():
             p.copy_(base_params[n])
-    act_scales = static_act_scales(model, scheme, calib) if calib is not None else None
-    qmodel = quantize_model(model, scheme, act_scales=act_scales)
+    if args.algorithm != "rtn":
+        from quantlab.algorithms import ALGORITHMS
+
+        qmodel = ALGORITHMS[args.algorithm](model, scheme, calib)
+    else:
+        act_scales = static_act_scales(model, scheme, calib) if calib is not None else None
+        qmodel = quantize_model(model, scheme, act_scales=act_scales)
     if args.to == "gguf":
         out = Path(args.out)
         if out.suffix != ".gguf":
@@ -90,6 +97,51 @@ def cmd_export(args) -> int:
     ok = _print_rows(verify.verify_compressed_tensors(path, qmodel)) if args.verify else True
     print(f"Serve it: {ct.vllm_serve_command(path, scheme)}")
     return 0 if ok else 1
+
+
+def _sequential(args) -> bool:
+    """--pipeline auto: layer by layer for a local model directory (compressed-tensors), in
+    memory for the embedded model, a hub id, or GGUF (not streamed yet)."""
+    if args.pipeline == "in-memory":
+        return False
+    if args.to == "gguf":
+        if args.pipeline == "sequential":
+            raise SystemExit("quantlab export: --to gguf is not written layer by layer yet; "
+                             "use --pipeline in-memory (or auto)")
+        return False
+    if args.pipeline == "sequential":
+        return True
+    return args.model is not None and Path(args.model).is_dir()
+
+
+def _export_sequential(args, scheme, needs_calib: bool) -> int:
+    """quantlab.sequential.export_sequential: one decoder layer at a time, shards as they fill."""
+    import time
+
+    from quantlab import models
+    from quantlab.io import compressed_tensors as ct
+    from quantlab.sequential import export_sequential
+
+    src = Path(args.model) if args.model else models.embedded_lm_dir()
+    tok = calib = None
+    if needs_calib:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        calib = _calib_ids(tok, args.calib_file, args.calib_tokens)
+    start = time.perf_counter()
+    path = export_sequential(src, scheme, args.out, algorithm=args.algorithm, calib=calib,
+                             device=args.device, dtype=DTYPES[args.dtype],
+                             max_shard_bytes=args.shard_size, overwrite=args.overwrite,
+                             tokenizer=tok)
+    shards = sorted(path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards)
+    print(f"Wrote {path}/ ({len(shards)} shards, {size:,} bytes, {size / 2**30:.2f} GiB) layer by "
+          f"layer in {time.perf_counter() - start:.1f} s: {scheme.name} ({args.algorithm}) as "
+          f"{ct.compression_format(scheme)}")
+    print(f"Check it: quantlab audit {path} --reference {src}")
+    print(f"Serve it: {ct.vllm_serve_command(path, scheme)}")
+    return 0
 
 
 class _DeprecatedFormat(argparse.Action):
@@ -122,6 +174,16 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip re-reading the export with compressed-tensors / gguf")
+    e.add_argument("--algorithm", choices=("rtn", "gptq", "awq"), default="rtn",
+                   help="how weights are rounded (gptq/awq calibrate on --calib-file)")
+    e.add_argument("--pipeline", choices=("auto", "sequential", "in-memory"), default="auto",
+                   help="sequential: one decoder layer at a time from the safetensors shards, "
+                   "memory bounded by a layer (auto: for a local --model directory); in-memory: "
+                   "the whole model in float32 (the reference)")
+    e.add_argument("--device", help="where sequential layers run: cpu or cuda (default: cuda "
+                   "when present)")
+    e.add_argument("--shard-size", default="1GB",
+                   help="largest output shard of the sequential pipeline (e.g. 500MB, 2GB)")
     e.set_defaults(func=cmd_export)
     return e
 

@@ -10,9 +10,7 @@ model-0000i-of-0000N.safetensors beside a model.safetensors.index.json, as trans
 
 from __future__ import annotations
 
-import errno
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -111,8 +109,8 @@ def _size(text: str | int) -> int:
 
 class ShardWriter:
     """Buffer tensors up to max_shard_bytes, save each full shard at once; `close()` names the
-    shards model-0000i-of-0000N.safetensors and writes the index. A full disk raises OSError
-    saying how much was written and what to do."""
+    shards model-0000i-of-0000N.safetensors and writes the index (a full disk is reported by
+    safetensors_io.atomic_output, inside which the exporter writes)."""
 
     def __init__(self, folder: Path, max_shard_bytes: int | str = "1GB", progress=None):
         self.folder = Path(folder)
@@ -141,16 +139,7 @@ class ShardWriter:
         if not self.buf:
             return
         name = f"shard-{len(self.shards):05d}.partial"
-        try:
-            save_file(self.buf, str(self.folder / name), metadata={"format": "pt"})
-        except OSError as err:
-            if err.errno == errno.ENOSPC or "No space" in str(err):
-                free = shutil.disk_usage(self.folder).free
-                raise OSError(errno.ENOSPC, f"the disk holding {self.folder.parent} filled up "
-                              f"after {self.total / 1e9:.2f} GB of the checkpoint ({free / 1e9:.2f}"
-                              " GB free now); nothing was left at --out: free space or choose an"
-                              " --out on a larger disk, then run the export again") from err
-            raise
+        save_file(self.buf, str(self.folder / name), metadata={"format": "pt"})
         self.shards.append((name, list(self.buf)))
         self.buf, self.buf_bytes = {}, 0
         if self.progress is not None:
