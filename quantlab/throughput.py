@@ -253,8 +253,9 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
                batches: tuple[int, ...] = BATCHES, context: int = 512, prompt: int = 512,
                steps: int = 20, layers: int | None = None, backend: str = "auto",
                device: str | None = None, bandwidth: float | None = None,
-               log=print) -> list[Row]:
-    """Rows for each scheme ("bf16" = unquantized) and batch; see the module doc."""
+               log=print, json_path=None) -> list[Row]:
+    """Rows for each scheme ("bf16" = unquantized) and batch; see the module doc. json_path:
+    rewritten after every row, so a run cut short keeps what it measured."""
     from quantlab.nn import QuantLinear, quantize_model
     from quantlab.schemes import get_scheme
 
@@ -316,6 +317,8 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
                             ms=sec * 1e3, floor_tokens_per_s=floor, kv_gb=kv / 1e9,
                             peak_gb=_peak(cuda), graphed=graphed, **common))
             log(_fmt(rows[-1]))
+            if json_path:
+                save(rows, json_path)
         if prompt:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -325,6 +328,8 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
                             kv_gb=prompt * kv_tok / 1e9, peak_gb=_peak(cuda), graphed=False,
                             **common))
             log(_fmt(rows[-1]))
+            if json_path:
+                save(rows, json_path)
         del model
     return rows
 
@@ -394,11 +399,9 @@ def cmd_throughput(args) -> int:
     rows = throughput(args.model, tuple(args.schemes.split(",")),
                       tuple(int(b) for b in args.batches.split(",")), args.context, args.prompt,
                       args.steps, args.layers, args.backend,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+                      log=lambda m: print(m, file=sys.stderr, flush=True), json_path=args.json)
     if rows and rows[0].device == "cpu":
         print("CPU numbers (no CUDA GPU here): the reference backend, eager, bf16 on the CPU; "
               "not what a GPU does")
     print(table(rows))
-    if args.json:
-        save(rows, args.json)
     return 0
