@@ -158,6 +158,47 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _check_patterns(kind: str, patterns, names: list[str]) -> None:
+    """Raise when a pattern is a broken regex or picks no layer (a typo would silently
+    quantize the layer it meant to skip), listing the closest layer names."""
+    import difflib
+    import re
+
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{kind} pattern {p!r} is not a string; give layer names or globs")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as err:
+                raise ValueError(f"{kind} pattern {p!r} is not a valid regular expression "
+                                 f"({err}); escape special characters, e.g. 're:.*\\[0\\]'"
+                                 ) from err
+        if not any(matches(n, p) for n in names):
+            tails = sorted({n.rsplit(".", 1)[-1] for n in names} | set(names))
+            close = difflib.get_close_matches(p.removeprefix("re:"), tails, n=4, cutoff=0.5)
+            raise ValueError(f"{kind} pattern {p!r} matches no linear layer of the model; "
+                             f"did you mean {close or tails[:6]}? (names, globs like "
+                             "'*.down_proj', dotted suffixes like 'lm_head', or 're:<regex>')")
+
+
+def _untie_if_quantized(model: nn.Module, qlayers: dict[str, nn.Module]) -> None:
+    """A quantized lm_head cannot share the embeddings' full-precision weight: say untied in
+    config, so an export does not promise transformers a tie it cannot load."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name in qlayers:
+        warnings.warn(f"{name} is quantized, so it no longer shares the input embeddings' "
+                      "weight: config.tie_word_embeddings is set to False (pass "
+                      f"ignore=('{name}',) to keep them tied and lm_head in full precision)",
+                      stacklevel=3)
+        config.tie_word_embeddings = False
+
+
 def quantize_model(model: nn.Module, scheme: Scheme | str,
                    ignore: tuple[str, ...] = ("lm_head",),
                    overrides: dict[str, Scheme | str | None] | None = None,
@@ -167,21 +208,35 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
 
     ignore: names or glob patterns left in full precision (lm_head by default, as llm-compressor).
     overrides: {pattern: scheme or None} for mixed precision; the first match wins, None = skip.
+    A pattern that matches no linear layer raises (a typo would quantize what it meant to skip).
     act_scales: {layer name: static activation scale} for schemes with static activations.
     backend: "reference" (dequantize + F.linear), "triton" (the kernel registry's packed weights
     and kernels; schemes no kernel serves stay on reference, with a warning) or "auto" (triton
     on a CUDA device where a kernel serves the scheme). Quantize the model on the device it will
     run on.
+
+    All or nothing: every layer is quantized into a new module first (an error names the layer
+    and leaves the model untouched), then all are swapped in. A quantized lm_head tied to the
+    embeddings is untied (config.tie_word_embeddings = False, with a warning). A model with
+    QuantLinear layers and nothing left to quantize raises (it is already quantized).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; use one of {BACKENDS}")
     scheme = get_scheme(scheme)  # names resolved here, once: Scheme objects go down
+    if isinstance(ignore, str):
+        ignore = (ignore,)
     overrides = {p: None if s is None else get_scheme(s) for p, s in (overrides or {}).items()}
     layers = linear_layers(model)
-    if not layers:
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers and not done:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize (GPT-2's "
                          "Conv1D layers are not nn.Linear: convert them first)")
-    for name, layer in layers.items():
+    names = list(layers) + done
+    if tuple(ignore) != ("lm_head",):  # the default may name nothing (a model without a head)
+        _check_patterns("ignore", ignore, names)
+    _check_patterns("overrides", overrides, names)
+    todo: dict[str, Scheme] = {}
+    for name in layers:
         chosen = scheme
         for pattern, s in overrides.items():
             if matches(name, pattern):
@@ -190,8 +245,15 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
         else:
             if any(matches(name, p) for p in ignore):
                 chosen = None
-        if chosen is None:
-            continue
+        if chosen is not None:
+            todo[name] = chosen
+    if done and not todo:
+        raise ValueError(f"the model is already quantized ({len(done)} QuantLinear layers, e.g. "
+                         f"{done[0]}) and no nn.Linear is left to quantize; quantize a fresh "
+                         "copy of the full-precision model (copy.deepcopy it before quantizing)")
+    new: dict[str, QuantLinear] = {}
+    for name, chosen in todo.items():
+        layer = layers[name]
         K = layer.in_features
         g = chosen.weights.group_size
         if g and K % g:
@@ -199,8 +261,19 @@ def quantize_model(model: nn.Module, scheme: Scheme | str,
                              f"size {g}; add it to ignore=, or override it with a per-channel "
                              "scheme (e.g. w8a16)")
         scale = (act_scales or {}).get(name)
-        _set_module(model, name, QuantLinear.from_linear(layer, chosen, act_scale=scale,
-                                                         backend=backend))
+        if scale is not None:
+            st = torch.as_tensor(scale, dtype=torch.float32)
+            if not bool(torch.isfinite(st).all()) or not bool((st > 0).all()):
+                raise ValueError(f"{name}: static activation scale {st.tolist()} is not finite "
+                                 "and positive; recalibrate it (amax of the layer's inputs / "
+                                 "format max, clamped away from 0) - the model is unchanged")
+        try:
+            new[name] = QuantLinear.from_linear(layer, chosen, act_scale=scale, backend=backend)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}: {err} (the model is unchanged)") from err
+    for name, module in new.items():
+        _set_module(model, name, module)
+    _untie_if_quantized(model, new)
     return model
 
 

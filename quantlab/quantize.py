@@ -85,7 +85,33 @@ def _check_input(x: Tensor, ts: TensorScheme) -> None:
             f"x holds {n_nan} NaN and {n_inf} inf values; a scale from amax would be NaN/inf and "
             "poison its whole group. Find where they come from (fp16 overflow?) or replace them "
             "(torch.nan_to_num) before quantizing")
+    if x.dtype == torch.float64:  # scales are computed in float32: 1e300 would become inf
+        amax, f32max = float(x.detach().abs().max()), torch.finfo(torch.float32).max
+        if amax > f32max:
+            raise ValueError(f"x is float64 with |x| up to {amax:.3g}, beyond float32's "
+                             f"{f32max:.3g}, the precision quantlab computes scales in; "
+                             "divide x by a power of two (and multiply it back after "
+                             "dequantizing) or clip it before quantizing")
     ts.granularity.check(x.shape)
+
+
+def _check_scales(xf: Tensor, ts: TensorScheme, s: Tensor, glob: Tensor | None) -> None:
+    """Raise when a scale overflowed its storage format (inf/NaN would decode its whole group
+    to NaN): say which values caused it and what holds them."""
+    if bool(torch.isfinite(s).all()) and (glob is None or bool(torch.isfinite(glob).all())):
+        return
+    g = ts.granularity.groups(xf)
+    bad = ~torch.isfinite(s.reshape(*g.shape[:-1], 1).expand_as(g))
+    amax = float(g.abs()[bad].max()) if bool(bad.any()) else float(xf.abs().max())
+    n = int((~torch.isfinite(s)).sum())
+    sf = ts.scale_format
+    limit = {"fp16": 65504.0, "bf16": 3.39e38, "fp32": 3.4e38}.get(sf)
+    cap = f" (at most {limit:.6g})" if limit else ""
+    raise ValueError(f"{n} group scale(s) overflow the {sf} scale format{cap}: a group holds "
+                     f"|x| up to {amax:.3g}; its scale does not fit {sf}, so the group would "
+                     "dequantize to NaN. Find the outlier (a diverged weight?), clip it, divide "
+                     "the tensor by a power of two, or use a scheme with bf16/fp32 scales "
+                     f"(e.g. TensorScheme(..., scale_format='bf16'))")
 
 
 def quantize(x: Tensor, scheme: str | Scheme | TensorScheme, scale: Tensor | None = None
@@ -99,6 +125,7 @@ def quantize(x: Tensor, scheme: str | Scheme | TensorScheme, scale: Tensor | Non
         raise ValueError(f"a static scale only applies to the absmax rule, not {ts.scale_rule}")
     xf = x.detach().float()
     codes, s, zp, glob = ts.scale_rule.quantize(xf, ts.granularity.groups(xf), ts, scale)
+    _check_scales(xf, ts, s, glob)
     sshape = ts.granularity.scale_shape(xf.shape)
     zp = None if zp is None else zp.reshape(sshape)
     return QuantizedTensor(ts.granularity.ungroup(codes, xf.shape), s.reshape(sshape), ts,

@@ -51,8 +51,11 @@ def _fit(scale: Tensor, g: Tensor, sshape) -> Tensor:
     scale = torch.as_tensor(scale, dtype=torch.float32)
     if tuple(scale.shape) != tuple(sshape) and scale.numel() != 1:
         raise ValueError(f"static scale has shape {tuple(scale.shape)}, expected {tuple(sshape)}")
-    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-        raise ValueError("static scale must be finite and non-negative")
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError(f"static scale must be finite and positive, got values from "
+                         f"{scale.min().item():.3g} to {scale.max().item():.3g} (a scale of 0 "
+                         "turns every value into 0, NaN/inf every value into NaN); recalibrate "
+                         "it: amax of the inputs / format max, clamped to at least 1e-12")
     return scale.reshape(-1).expand(g.shape[:-1].numel()).reshape(*g.shape[:-1], 1) \
         if scale.numel() == 1 else scale.reshape(*g.shape[:-1], 1)
 

@@ -176,3 +176,146 @@ def test_export_refuses_source_folder(tmp_path):
     with pytest.raises(ValueError, match="source model"):
         export_compressed_tensors(q, tmp_path, tokenizer=tok, source_dir=tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# --- silent wrong results -> clear errors ------------------------------------------------
+
+def _outlier(value, dtype=None):
+    import torch
+
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x[1, 5] = value
+    return x
+
+
+@pytest.mark.parametrize("scheme,value", [
+    ("w4a16", 1e6), ("w4a16", 1e38), ("w4a16_asym", 1e6), ("w4a16_asym", 1e38),
+    ("gguf_q4_0", 1e6), ("gguf_q4_0", 1e38), ("gguf_q8_0", 1e38),
+], ids=lambda v: str(v))
+def test_scale_overflow_raises(scheme, value):
+    from quantlab.quantize import quantize
+
+    with pytest.raises(ValueError, match=r"overflow the fp16 scale format.*bf16/fp32 scales"):
+        quantize(_outlier(value), scheme)
+
+
+@pytest.mark.parametrize("scheme", ["fp8_dynamic", "mxfp8", "mxfp4", "nvfp4"])
+def test_float64_beyond_float32_raises(scheme):
+    import torch
+
+    from quantlab.quantize import dequantize, quantize
+
+    with pytest.raises(ValueError, match="beyond float32"):
+        quantize(_outlier(1e300, torch.float64), scheme)
+    q = quantize(_outlier(1e30, torch.float64), scheme)  # within float32: finite, as before
+    assert bool(torch.isfinite(dequantize(q)).all())
+
+
+@pytest.mark.parametrize("scale", [0.0, float("nan"), float("inf")], ids=["zero", "nan", "inf"])
+def test_static_activation_scale_raises(scale):
+    import torch
+
+    from quantlab.quantize import quantize
+    from quantlab.schemes import get_scheme
+
+    act = get_scheme("fp8_per_tensor").activations
+    with pytest.raises(ValueError, match="finite and positive.*recalibrate"):
+        quantize(torch.randn(2, 64), act, scale=torch.tensor(scale))
+
+
+# --- quantize_model: all or nothing, typos refused, ties undone ---------------------------
+
+def _llama(tie=False):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_quantize_model_nan_names_layer_and_changes_nothing():
+    import torch
+
+    from quantlab.nn import QuantLinear, quantize_model
+
+    model = _llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*NaN.*unchanged"):
+        quantize_model(model, "w8a16")
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_quantize_model_twice_refused():
+    from quantlab.nn import quantize_model
+
+    model = quantize_model(_llama(), "w8a16")
+    with pytest.raises(ValueError, match="already quantized.*full-precision"):
+        quantize_model(model, "w4a16")
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(ignore=("lm_haed",)), r"ignore pattern 'lm_haed' matches no.*lm_head"),
+    (dict(overrides={"mlp.down_prj": "w8a16"}), r"overrides pattern 'mlp.down_prj'.*down_proj"),
+    (dict(overrides={"re:[": None}), "not a valid regular expression"),
+], ids=["ignore-typo", "override-typo", "bad-regex"])
+def test_quantize_model_patterns_that_match_nothing(kw, words):
+    from quantlab.nn import QuantLinear, quantize_model
+
+    model = _llama()
+    with pytest.raises(ValueError, match=words):
+        quantize_model(model, "w4a16", **kw)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_quantize_model_zero_act_scale_names_layer():
+    import torch
+
+    from quantlab.nn import quantize_model
+
+    model = _llama()
+    scales = {"model.layers.0.self_attn.q_proj": torch.tensor(0.0)}
+    with pytest.raises(ValueError, match=r"q_proj: static activation scale.*positive"):
+        quantize_model(model, "fp8_per_tensor", act_scales=scales)
+
+
+def test_tied_lm_head_quantized_is_untied():
+    from quantlab.nn import QuantLinear, quantize_model
+
+    model = _llama(tie=True)
+    with pytest.warns(UserWarning, match="tie_word_embeddings is set to False"):
+        quantize_model(model, "w8a16", ignore=())
+    assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings is False
+    kept = quantize_model(_llama(tie=True), "w8a16")  # the default ignore keeps the tie
+    assert kept.config.tie_word_embeddings is True
+
+
+# --- KV cache scales ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf"), -1.0],
+                         ids=["zero", "nan", "inf", "negative"])
+def test_kv_static_scale_raises(bad):
+    from quantlab.kv import QuantizedKVCache
+
+    with pytest.raises(ValueError, match="finite and positive.*recalibrate"):
+        QuantizedKVCache("fp8_e4m3", num_layers=2, static_scales=[(1.0, 1.0), (bad, 1.0)])
+
+
+def test_kv_one_nan_key_does_not_poison_automatic_scale():
+    import torch
+
+    from quantlab.kv import QuantizedKVCache
+
+    cache = QuantizedKVCache("fp8_e4m3", num_layers=1)
+    k = torch.randn(1, 2, 8, 64, generator=torch.Generator().manual_seed(0))
+    v = k.clone()
+    k[0, 0, 3, 7] = float("nan")
+    out_k, _ = cache.update(k, v, 0)
+    assert torch.isfinite(cache.layers[0].k_scale)
+    nan = torch.isnan(out_k)
+    assert int(nan.sum()) <= 64 and bool(nan[0, 0, 3, 7])  # the NaN stays where it was
+    more, _ = cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0)
+    assert int(torch.isnan(more).sum()) == int(nan.sum())  # later keys decode finite

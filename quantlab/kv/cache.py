@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quantlab.kv.codecs import KVCodec, Parts, get_codec
+from quantlab.kv.codecs import KVCodec, Parts, get_codec, static_scale
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -35,8 +35,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         super().__init__()
         self.codec = get_codec(codec)
         self.max_cache_len = max_cache_len
-        self.k_scale = None if k_scale is None else torch.tensor(float(k_scale))
-        self.v_scale = None if v_scale is None else torch.tensor(float(v_scale))
+        self.k_scale = None if k_scale is None else static_scale(k_scale, "k_scale")
+        self.v_scale = None if v_scale is None else static_scale(v_scale, "v_scale")
         self.k_parts: Parts | None = None
         self.v_parts: Parts | None = None
         self.k_window = self.v_window = None
@@ -47,9 +47,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
         if self.codec.static and self.k_scale is None:
-            # vLLM's calculate_kv_scales: no calibrated scale given, take the first batch's amax
-            self.k_scale = key_states.detach().float().abs().amax().cpu() / 448.0
-            self.v_scale = value_states.detach().float().abs().amax().cpu() / 448.0
+            # vLLM's calculate_kv_scales: no calibrated scale given, take the first batch's amax,
+            # over finite values: one NaN key would otherwise make every key NaN for the cache's
+            # lifetime (the NaN itself still decodes to NaN)
+            finite_amax = lambda t: t.detach().float().nan_to_num(0, 0, 0).abs().amax().cpu()  # noqa: E731
+            self.k_scale = finite_amax(key_states) / 448.0
+            self.v_scale = finite_amax(value_states) / 448.0
         empty = key_states[:, :, :0]
         self.k_window, self.v_window = empty, empty.clone()
         self.is_initialized = True

@@ -60,6 +60,17 @@ def unpack_bits(packed: Tensor, bits: int, d: int) -> Tensor:
     return (b << torch.arange(bits, device=packed.device)).sum(-1).to(torch.uint8)
 
 
+def static_scale(value, what: str = "static scale") -> Tensor:
+    """A calibrated per-layer KV scale as an fp32 scalar tensor; raises unless finite and > 0
+    (0 would decode every key to 0, NaN every key to NaN)."""
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what}={v}: a static KV scale must be finite and positive; "
+                         "recalibrate it (quantlab.studies.kv.calibrate_static_scales) or leave "
+                         "it out to take the first batch's amax / 448")
+    return torch.tensor(v)
+
+
 def _safe_div(x: Tensor, s: Tensor) -> Tensor:
     """x / s with 0 where s == 0 (an all-zero vector has scale 0)."""
     return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, 1.0, s))
