@@ -319,3 +319,79 @@ def test_kv_one_nan_key_does_not_poison_automatic_scale():
     assert int(nan.sum()) <= 64 and bool(nan[0, 0, 3, 7])  # the NaN stays where it was
     more, _ = cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0)
     assert int(torch.isnan(more).sum()) == int(nan.sum())  # later keys decode finite
+
+
+# --- Triton quantize kernels (interpreted on a CPU) --------------------------------------
+
+def _dev():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+def test_per_token_kernel_nan_row_dequantizes_to_nan(fmt):
+    import torch
+
+    from quantlab.kernels.quantize import quantize_per_token
+    from quantlab.quantize import dequantize
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(_dev())
+    x[1, 5] = float("nan")
+    d = dequantize(quantize_per_token(x, fmt)).cpu()
+    assert bool(torch.isnan(d[1]).all()) and bool(torch.isfinite(d[[0, 2]]).all())
+
+
+@pytest.mark.parametrize("g", [0.0, float("nan")], ids=["zero", "nan"])
+def test_nvfp4_blocks_global_scale_raises(g):
+    import torch
+
+    from quantlab.kernels.quantize import quantize_blocks
+
+    with pytest.raises(ValueError, match="global_scale.*finite and positive"):
+        quantize_blocks(torch.randn(2, 64).to(_dev()), "nvfp4", global_scale=g)
+
+
+# --- audit without a reference -----------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0], ids=["nan", "inf", "neg"])
+def test_audit_flags_bad_scales_without_reference(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    from quantlab.io import audit, format_audit
+    from quantlab.io.compressed_tensors import export_compressed_tensors
+    from quantlab.nn import quantize_model
+
+    out = export_compressed_tensors(quantize_model(_llama(), "w8a16"), tmp_path / "q")
+    t = load_file(out / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight_scale"
+    t[key] = t[key].clone()
+    t[key].view(-1)[3] = bad
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    report = audit(out)
+    assert any("up_proj" in p and ("NaN or inf" in p or "negative" in p) for p in report.problems)
+    assert "0 problem(s)" not in format_audit(report)
+
+
+def test_audit_reports_unsupported_gguf_type(tmp_path):
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    from quantlab.io import audit
+
+    path = tmp_path / "q5.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    rng = np.random.default_rng(0)
+    w.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(
+        rng.standard_normal((32, 64)).astype(np.float32), T.Q5_0), raw_dtype=T.Q5_0)
+    w.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((64, 32)).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    rows = {r.layer: r for r in audit(path).layers}
+    down = next(r for n, r in rows.items() if "down" in n)
+    assert down.status == "UNSUPPORTED" and "Q5_0" in down.problems[0]
+    assert next(r for n, r in rows.items() if "up" in n).status == "full precision"

@@ -25,13 +25,14 @@ from quantlab.quantize import QuantizedTensor, dequantize
 
 # Trained LLM weights stay far below this; an inverted NVFP4 global scale gives ~7e6 / amax.
 PLAUSIBLE_WEIGHT_MAX = 1e3
+AUDITED_GGUF = ("Q8_0", "Q4_0", "F16", "BF16", "F32")
 SCALE_RATIO_LIMIT = 2.0  # rms(dequantized) / rms(reference) outside [1/2, 2]: a wrong scale
 
 
 @dataclass
 class LayerAudit:
     layer: str
-    status: str  # "quantized", "ignored", "UNQUANTIZED", "full precision"
+    status: str  # "quantized", "ignored", "UNQUANTIZED", "UNSUPPORTED", "full precision"
     scheme: str
     bits_per_weight: float
     sqnr_db: float | None = None
@@ -57,8 +58,32 @@ def _describe(q: QuantizedTensor) -> str:
     return f"{name} ({q.scheme.describe()})" if name else q.scheme.describe()
 
 
-def _check_scale(name: str, q: QuantizedTensor, deq: Tensor, ref: Tensor | None) -> list[str]:
+def _check_scale_values(q: QuantizedTensor) -> list[str]:
+    """Scales no checkpoint should hold, whatever the reference: NaN/inf (the group decodes to
+    NaN), negative (only GGUF Q4_0's signed d may be), all zero (the layer decodes to 0)."""
     problems = []
+    s = q.scales.float()
+    bad = int((~torch.isfinite(s)).sum())
+    if bad:
+        problems.append(f"{bad} of {s.numel()} scales are NaN or inf: those groups dequantize "
+                        "to NaN; re-export from the original weights")
+    signed = q.scheme.scale_rule == "gguf_q4_0"
+    neg = 0 if signed else int((s < 0).sum())
+    if neg:
+        problems.append(f"{neg} of {s.numel()} scales are negative; scales of this format are "
+                        "positive: the checkpoint is corrupt or mislabelled")
+    if bool((s == 0).all()):
+        problems.append("every scale is 0: the layer dequantizes to all zeros")
+    g = q.global_scale
+    if g is not None and not (bool(torch.isfinite(g).all()) and bool((g > 0).all())):
+        problems.append(f"global scale {g.flatten().tolist()} is not finite and positive")
+    return problems
+
+
+def _check_scale(name: str, q: QuantizedTensor, deq: Tensor, ref: Tensor | None) -> list[str]:
+    problems = _check_scale_values(q)
+    if problems:
+        return problems
     amax = float(deq.abs().max())
     if q.global_scale is not None and amax > PLAUSIBLE_WEIGHT_MAX:
         inv_amax = amax / float(q.global_scale) ** 2
@@ -144,7 +169,12 @@ def audit_gguf(path: str | os.PathLike, reference: dict[str, Tensor] | None = No
     types = ck.types
 
     def full_label(name: str):
-        return "full precision", []
+        t = types.get(name, "F32")
+        if t in ("F16", "BF16", "F32"):
+            return "full precision", []
+        return "UNSUPPORTED", [f"stored as {t}, a GGUF type quantlab does not audit (it checks "
+                               f"{', '.join(AUDITED_GGUF)}); its values were dequantized by "
+                               "gguf-py but its scales were not checked"]
 
     rows = _audit_layers(ck.layers, full, set(), reference, full_label)
     for r in rows:
@@ -156,11 +186,16 @@ def audit_gguf(path: str | os.PathLike, reference: dict[str, Tensor] | None = No
     return AuditReport(str(path), "gguf", rows)
 
 
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:  # 4 bytes, not the whole (maybe many-GB) file
+        return f.read(4)
+
+
 def audit(path: str | os.PathLike, reference: dict[str, Tensor] | None = None) -> AuditReport:
     """Audit a compressed-tensors directory or a .gguf file. reference: unquantized weights
     {"<module>.weight": tensor} (e.g. quantlab.io.read_safetensors_dir(original_dir))."""
     path = Path(path)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if path.suffix == ".gguf" or (path.is_file() and _magic(path) == b"GGUF"):
         return audit_gguf(path, reference)
     if path.is_dir():
         return audit_compressed_tensors(path, reference)

@@ -10,7 +10,8 @@ there the same kernels encode with integer arithmetic. The tests check both, eac
 
 Non-finite input: the reference raises ValueError. The kernels do not scan for NaN/inf (it would
 cost a pass over x); a row or block holding one gets unspecified codes and a non-finite or
-saturated scale, and every other row or block is exact. Pass check_finite=True to raise instead.
+saturated scale, and every other row or block is exact; a per-token row holding a NaN gets a NaN
+scale, so it dequantizes to NaN, never to a finite value. Pass check_finite=True to raise instead.
 """
 
 from __future__ import annotations
@@ -125,14 +126,21 @@ def _per_token_kernel(
         mask = r_ok[:, None] & (offs < K)[None, :]
         x = _to_f32(tl.load(x_rows + offs[None, :], mask=mask, other=0), BF16_BITS)
         amax_r = tl.max(tl.abs(x), axis=1)
+        bad_r = tl.max((x != x).to(tl.int32), axis=1)
     else:
         amax = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        bad = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             mask = r_ok[:, None] & (k0 + offs < K)[None, :]
             x = _to_f32(tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0), BF16_BITS)
             amax = tl.maximum(amax, tl.abs(x))
+            bad = tl.maximum(bad, (x != x).to(tl.int32))
         amax_r = tl.max(amax, axis=1)
+        bad_r = tl.max(bad, axis=1)
     s = tl.div_rn(amax_r, 448.0 if FP8 else 127.0)
+    # max() skips NaN, and int8 has no NaN code: a NaN in the row makes its scale NaN, so the row
+    # dequantizes to NaN (an inf already does: its scale is inf) rather than to a finite value
+    s = tl.where(bad_r > 0, float("nan"), s)
     tl.store(s_ptr + rows, s, mask=r_ok)
     safe = tl.where(s == 0, 1.0, s)[:, None]
     zero = (s == 0)[:, None]
@@ -288,6 +296,13 @@ def quantize_blocks(x: Tensor, kind: str, global_scale: Tensor | None = None,
     if kind == "nvfp4":
         glob = nvfp4_global_scale(x) if global_scale is None else torch.as_tensor(
             global_scale, dtype=torch.float32, device=x.device).reshape(())
+        # checked where it costs no GPU sync (a host value), or when asked to scan
+        host = not isinstance(global_scale, Tensor) or global_scale.device.type == "cpu"
+        if global_scale is not None and (host or check_finite) and not bool(
+                torch.isfinite(glob) & (glob > 0)):
+            raise ValueError(f"{where}: global_scale={float(glob)} must be finite and positive "
+                             "(0 turns every block into 0); calibrate it as amax / (448 * 6), "
+                             "or pass None to take it from x")
 
     def run(cfg):
         block_g, warps = cfg
