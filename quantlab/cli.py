@@ -24,7 +24,7 @@ from quantlab.schemes import PRESETS, Scheme, get_scheme
 
 
 def _scheme_names(arg: str | None) -> list[str]:
-    return arg.split(",") if arg else list(PRESETS)
+    return [s.strip() for s in arg.split(",") if s.strip()] if arg is not None else list(PRESETS)
 
 
 def _schemes(arg: str | None) -> list[Scheme]:
@@ -41,7 +41,10 @@ def cmd_compare(args) -> int:
     algorithms = args.algorithms.split(",")
     model, tok = models.load_causal_lm(args.model)
     label = args.model or f"embedded {models.EMBEDDED_LM}"
-    eval_text = open(args.eval_file).read() if args.eval_file else models.eval_text()
+    from quantlab.io.cli import read_text_file
+
+    eval_text = (read_text_file(args.eval_file, "--eval-file") if args.eval_file
+                 else models.eval_text())
     print(f"Model: {label}. Evaluating {len(schemes)} schemes x {len(algorithms)} algorithms "
           f"on {args.eval_tokens} held-out tokens ...")
     base, rows = cmp.compare(model, tok, eval_text, models.calib_text(), schemes, algorithms,
@@ -151,14 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantlab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    from quantlab.io.cli import at_least, scheme_list
+
     c = sub.add_parser("compare", help="quantize a causal LM with each scheme: perplexity, KL")
     c.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
-    c.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(PRESETS)}")
+    c.add_argument("--schemes", type=scheme_list,
+                   help=f"comma-separated subset of: {', '.join(PRESETS)}")
     c.add_argument("--algorithms", default="rtn",
                    help="comma-separated subset of rtn, gptq, awq, smoothquant, quarot")
-    c.add_argument("--eval-tokens", type=int, default=8192)
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--calib-tokens", type=int, default=2048,
+    c.add_argument("--eval-tokens", type=at_least(1), default=8192)
+    c.add_argument("--seq-len", type=at_least(2), default=256,
+                   help="tokens per perplexity window (>= 2: one predicted token)")
+    c.add_argument("--calib-tokens", type=at_least(1), default=2048,
                    help="calibration tokens for static scales and the calibrated algorithms")
     c.add_argument("--eval-file", help="text to measure perplexity on (default: embedded eval)")
     c.add_argument("--report", default="quantlab-report.html", help="HTML report path ('' = none)")
@@ -167,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("weights", help="quantize weight tensors with each scheme: tensor error")
     w.add_argument("--source", choices=("model", "gaussian"), default="model")
     w.add_argument("--model", help="a safetensors file or directory (default: the embedded LM)")
-    w.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(PRESETS)}")
-    w.add_argument("--size", type=int, default=4096, help="gaussian: rows = cols")
+    w.add_argument("--schemes", type=scheme_list,
+                   help=f"comma-separated subset of: {', '.join(PRESETS)}")
+    w.add_argument("--size", type=at_least(1), default=4096, help="gaussian: rows = cols")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--json", help="also write the rows to this JSON file")
     w.set_defaults(func=cmd_weights)
@@ -180,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_throughput_parser(sub)
     f = sub.add_parser("formats", help="list element formats and scheme presets")
-    f.add_argument("--sqnr-size", type=int, default=0,
+    f.add_argument("--sqnr-size", type=at_least(0), default=0,
                    help="also measure each format's SQNR on an N x N N(0, 1) tensor")
     f.set_defaults(func=cmd_formats)
     args = p.parse_args(argv)
+    if args.command == "weights" and args.source == "gaussian" and args.model:
+        w.error("--model applies to --source model; drop --model, or drop --source gaussian "
+                "to measure the model's weights")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError, ModuleNotFoundError) as err:

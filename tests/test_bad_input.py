@@ -395,3 +395,40 @@ def test_audit_reports_unsupported_gguf_type(tmp_path):
     down = next(r for n, r in rows.items() if "down" in n)
     assert down.status == "UNSUPPORTED" and "Q5_0" in down.problems[0]
     assert next(r for n, r in rows.items() if "up" in n).status == "full precision"
+
+
+# --- CLI flags ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,words", [
+    ("compare --schemes ''", "--schemes: is empty"),
+    ("weights --schemes ,", "--schemes: is empty"),
+    ("compare --eval-tokens -5", "--eval-tokens.*-5 is too small"),
+    ("compare --eval-tokens 0", "--eval-tokens.*0 is too small"),
+    ("compare --calib-tokens 0", "--calib-tokens.*0 is too small"),
+    ("compare --seq-len 0", "--seq-len.*>= 2"),
+    ("compare --seq-len 1", "--seq-len.*>= 2"),
+    ("weights --source gaussian --size -3", "--size.*too small"),
+    ("weights --source gaussian --size 0", "--size.*too small"),
+    ("weights --source gaussian --model some/dir", "--model applies to --source model"),
+    ("export --scheme w4a16 --out x --calib-tokens 0", "--calib-tokens.*too small"),
+], ids=lambda v: v if " " in v else "")
+def test_cli_flags(argv, words, capsys):
+    import re
+    import shlex
+
+    from quantlab.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(shlex.split(argv))
+    assert info.value.code == 2
+    assert re.search(words, capsys.readouterr().err)
+
+
+def test_cli_binary_eval_file(tmp_path, monkeypatch, capsys):
+    from quantlab import models
+    from quantlab.cli import main
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda name: (None, None))
+    (tmp_path / "eval.bin").write_bytes(bytes(range(256)))
+    assert main(["compare", "--eval-file", str(tmp_path / "eval.bin"), "--report", ""]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err

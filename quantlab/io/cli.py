@@ -17,6 +17,44 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CONTAINERS = ("compressed-tensors", "gguf")  # the checkpoint container `export --to` writes
 
 
+def at_least(low: int):
+    """An argparse type: an int >= low, else a usage error saying so (not a traceback later)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is too small: give a number >= {low}")
+        return n
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def scheme_list(text: str) -> str:
+    """An argparse type for --schemes: a non-empty comma-separated list (empty is an error, not
+    "all schemes"; leave the flag out for all)."""
+    if not [s for s in text.split(",") if s.strip()]:
+        raise argparse.ArgumentTypeError("is empty; name schemes (e.g. w4a16,nvfp4) or leave "
+                                         "--schemes out to run every preset")
+    return text
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """The UTF-8 text of a --eval-file / --calib-file, or a ValueError saying what it is not."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {path} is not UTF-8 text (byte {err.start} is "
+                         f"{data[err.start]:#04x}; a binary file?): give a plain-text "
+                         "file") from None
+    if "\x00" in text:
+        raise ValueError(f"{flag} {path} holds NUL bytes, so it is binary, not text: give a "
+                         "plain-text file")
+    return text
+
+
 def _load(model_arg: str | None):
     """(model, tokenizer, source directory or None, display name)."""
     from quantlab import models
@@ -32,7 +70,7 @@ def _calib_ids(tok, calib_file: str | None, n_tokens: int) -> torch.Tensor:
     from quantlab import models
     from quantlab.eval.lm import token_windows
 
-    text = Path(calib_file).read_text() if calib_file else models.calib_text()
+    text = read_text_file(calib_file, "--calib-file") if calib_file else models.calib_text()
     return token_windows(tok, text, 256, n_tokens)
 
 
@@ -170,7 +208,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="dtype of the unquantized tensors (embeddings, norms, ignored layers)")
     e.add_argument("--calib-file", help="text for static activation scales (default: embedded "
                    "calibration split)")
-    e.add_argument("--calib-tokens", type=int, default=2048)
+    e.add_argument("--calib-tokens", type=at_least(1), default=2048)
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip re-reading the export with compressed-tensors / gguf")
