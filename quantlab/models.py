@@ -78,9 +78,15 @@ def load_causal_lm(
     else:
         path, local_only = name_or_path, False
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only,
+                                                     use_safetensors=True)  # never a pickle
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except OSError as err:
+        if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+            raise OSError(f"{path} holds no .safetensors weights; quantlab never loads pickle "
+                          "checkpoints (.bin/.pt run code when loaded): convert them to "
+                          "safetensors on a machine you trust, or use the model's safetensors "
+                          "revision") from err
         if Path(path).is_dir():
             raise
         raise OSError(

@@ -432,3 +432,85 @@ def test_cli_binary_eval_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "eval.bin").write_bytes(bytes(range(256)))
     assert main(["compare", "--eval-file", str(tmp_path / "eval.bin"), "--report", ""]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+# --- unclear errors made clear: files ----------------------------------------------------
+
+def _raw_safetensors(path, entry):
+    import struct
+
+    header = json.dumps({"w": entry}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    return path
+
+
+@pytest.mark.parametrize("entry,words", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "malformed data_offsets"),
+    ({"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}, "malformed shape"),
+    ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, "unknown dtype"),
+], ids=["data_offsets-[0]", "shape-int", "dtype-list"])
+def test_malformed_safetensors_header(tmp_path, entry, words):
+    from quantlab.io import read_safetensors
+
+    with pytest.raises(ValueError, match=f"{words}.*header is corrupt"):
+        read_safetensors(_raw_safetensors(tmp_path / "m.safetensors", entry))
+
+
+@pytest.fixture(scope="module")
+def w8_export(tmp_path_factory):
+    from quantlab.io.compressed_tensors import export_compressed_tensors
+    from quantlab.nn import quantize_model
+
+    return export_compressed_tensors(quantize_model(_llama(), "w8a16"),
+                                     tmp_path_factory.mktemp("ct") / "q")
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda c: [c], "holds a JSON list, not an object"),
+    (lambda c: c["quantization_config"].update(config_groups=["group_0"]) or c,
+     "config_groups must be an object"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(weights=8) or c,
+     "must be an object with 'targets' and 'weights'"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(targets=["re:["])
+     or c, "'re:\\[' is not a valid regular expression"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].pop("num_bits")
+     and c, "not a layout quantlab reads"),
+], ids=["config-list", "groups-list", "group-weights-int", "target-re-[", "weights-no-bits"])
+def test_malformed_config(w8_export, tmp_path, edit, words):
+    import shutil
+
+    from quantlab.io import audit
+
+    d = tmp_path / "q"
+    shutil.copytree(w8_export, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(ValueError, match=words):
+        audit(d)
+
+
+def test_pickle_only_model_folder_refused(tmp_path):
+    import torch
+
+    from quantlab.models import load_causal_lm
+
+    model = _llama()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="no .safetensors weights.*never loads pickle"):
+        load_causal_lm(tmp_path)
+
+
+@pytest.mark.parametrize("err", [
+    "SafetensorError: No space left on device (os error 28)",
+    "34816 requested and 9888 written",
+], ids=["safetensors", "gguf-tofile"])
+def test_disk_full_from_writers(tmp_path, err):
+    class SafetensorError(Exception):
+        pass
+
+    exc = SafetensorError(err) if err.startswith("Safe") else OSError(err)
+    with pytest.raises(OSError, match="disk full.*nothing was written"):
+        with atomic_output(tmp_path / "out"):
+            raise exc
+    assert list(tmp_path.iterdir()) == []

@@ -129,7 +129,9 @@ def pack_int32(codes: Tensor, bits: int) -> Tensor:
     if (K * bits) % 32:
         raise ValueError(f"K={K} is not a multiple of {32 // bits}: pad the layer to pack it")
     b = pack_nibbles(codes) if bits == 4 else codes.to(torch.uint8)
-    return b.contiguous().view(torch.int32)
+    # a fresh tensor: contiguous() may keep stride 1 on a size-1 dim (one zero-point group),
+    # which view(int32) refuses
+    return b.new_empty(b.shape).copy_(b).view(torch.int32)
 
 
 def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
@@ -373,6 +375,34 @@ def _matches_target(name: str, target: str) -> bool:
     return target == "Linear" or matches(name, target, loose=False)
 
 
+def _check_groups(cfg_path: Path, groups, ignore) -> None:
+    """config_groups {name: {targets: [str], weights: {...}}} and ignore [str], with every
+    "re:" pattern a valid regex; else ValueError naming the field."""
+    import re
+
+    def patterns(where: str, items) -> None:
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise ValueError(f"{cfg_path}: {where} must be a list of layer names or 're:' "
+                             f"patterns, got {items!r}")
+        for t in items:
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as err:
+                    raise ValueError(f"{cfg_path}: {where} pattern {t!r} is not a valid "
+                                     f"regular expression ({err})") from err
+
+    if not isinstance(groups, dict):
+        raise ValueError(f"{cfg_path}: config_groups must be an object {{name: group}}, got "
+                         f"{type(groups).__name__}")
+    for name, g in groups.items():
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+            raise ValueError(f"{cfg_path}: config group {name!r} must be an object with "
+                             f"'targets' and 'weights', got {g!r}")
+        patterns(f"config group {name!r} targets", g.get("targets", []))
+    patterns("ignore", ignore)
+
+
 def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
     """A compressed-tensors directory -> CompressedCheckpoint. Reads only config.json and
     safetensors. Raises ValueError when the config and the tensors disagree."""
@@ -384,6 +414,9 @@ def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object; a "
+                         "Hugging Face config.json is {{...}}: re-export the checkpoint")
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         method = qc.get("quant_method") if isinstance(qc, dict) else None
@@ -393,6 +426,7 @@ def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
     groups = qc.get("config_groups") or {}
     if not groups:
         raise ValueError(f"{cfg_path}: quantization_config has no config_groups")
+    _check_groups(cfg_path, groups, qc.get("ignore") or [])
     tensors = read_safetensors_dir(path)
     ckpt = CompressedCheckpoint(config=config, ignore=list(qc.get("ignore") or []))
     modules = sorted({n.rpartition(".")[0] for n in tensors if n.endswith((".weight",
@@ -411,7 +445,12 @@ def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
             raise ValueError(f"{mod} holds quantized tensors {sorted(local)} but no config "
                              "group targets it; the config does not match the tensors")
         fmt = groups[gname].get("format") or qc.get("format")
-        ckpt.layers[mod] = decode_layer(mod, local, groups[gname]["weights"], fmt)
+        try:
+            ckpt.layers[mod] = decode_layer(mod, local, groups[gname]["weights"], fmt)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{cfg_path}: config group {gname!r} has malformed weights "
+                             f"{groups[gname]['weights']!r} ({type(err).__name__}: {err}); "
+                             "compare it with a compressed-tensors preset") from err
         ckpt.group_of[mod] = gname
     return ckpt
 

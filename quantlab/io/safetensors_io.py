@@ -63,11 +63,19 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
 def _check_entry(path: Path, name: str, info, data_bytes: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise ValueError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets")
-    dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r} (expected one of "
+                         f"{', '.join(DTYPE_BYTES)}); the header is corrupt")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape!r} (expected a "
+                         "list of non-negative integers); the header is corrupt")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise ValueError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r} "
+                         "(expected [begin, end] byte offsets); the header is corrupt")
+    start, end = offsets
     want = math.prod(shape) * DTYPE_BYTES[dtype]
     if end - start != want or start < 0:
         raise ValueError(f"{path}: tensor {name!r} ({dtype} {shape}) needs {want} bytes but its "
