@@ -72,6 +72,18 @@ def _rounded(t: Tensor, dtype: torch.dtype, device) -> Tensor:
     return t.to(device).float().to(dtype).float()
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t as model_tensors stores an unquantized tensor (float32 -> dtype), without a float32 copy
+    of a whole embedding when t already is in dtype (the round trip is exact then)."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = torch.empty_like(t, dtype=dtype)
+    rows = max(1, 2**24 // max(1, t[0].numel())) if t.ndim > 1 else len(t)
+    for i in range(0, len(t), rows):  # 64 MB of float32 at a time
+        out[i:i + rows] = t[i:i + rows].float().to(dtype)
+    return out
+
+
 def _materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, dtype, device) -> None:
     """Give module (on meta) its checkpoint tensors, rounded to dtype, as float32 on device."""
     names = list(module.state_dict())
@@ -333,7 +345,7 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
                         if f"{mod}.bias" in ckpt else None)
                 _emit_linear(writer, mod, qt, quant[mod], dtype, bias)
             elif not (mod in quant and n == f"{mod}.bias"):
-                writer.add(n, t.float().to(dtype) if t.is_floating_point() else t)
+                writer.add(n, _cast(t, dtype))
 
         for n in wanted:
             if n not in in_layer and n.rpartition(".")[0] not in quant:
