@@ -65,10 +65,10 @@ class CodebookFormat:
         x = x.float()
         if bool(torch.isnan(x).any()):
             raise ValueError(f"{self.name} has no NaN code but x holds NaN values")
-        return torch.bucketize(x, self.midpoints, right=False).to(torch.uint8)
+        return torch.bucketize(x, self.midpoints.to(x.device), right=False).to(torch.uint8)
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self.table[codes.long()]
+        return self.table.to(codes.device)[codes.long()]
 
     def round(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

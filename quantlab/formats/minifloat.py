@@ -110,7 +110,7 @@ class FloatFormat:
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes: integer tensor of bit patterns -> float32 of the same shape."""
-        return self.table[codes.long() & ((1 << self.bits) - 1)]
+        return self.table.to(codes.device)[codes.long() & ((1 << self.bits) - 1)]
 
     def encode(self, x: Tensor, overflow: str | None = None) -> Tensor:
         """x: float tensor -> uint8 codes of the same shape, round-to-nearest-even.

@@ -38,7 +38,11 @@ from quantlab.viz.formats import (
     relative_step_figure,
     value_grid_figure,
 )
-from quantlab.viz.kernels import kernel_shapes_figure, roofline_figure
+from quantlab.viz.kernels import (
+    decode_throughput_figure,
+    kernel_shapes_figure,
+    roofline_figure,
+)
 from quantlab.viz.kv import kv_accuracy_figure, kv_channel_figure, kv_speedup_figure
 from quantlab.viz.schemes import (
     block_values_figure,
@@ -51,7 +55,8 @@ from quantlab.viz.schemes import (
 )
 
 __all__ = [
-    "COLORS", "block_values_figure", "bit_explorer_figure", "calibrated", "deploy", "dropdown",
+    "COLORS", "block_values_figure", "bit_explorer_figure", "calibrated",
+    "decode_throughput_figure", "deploy", "dropdown",
     "error_histogram_slider", "explain_code", "fp8", "glue", "granularity_figure", "html_report",
     "kernel_shapes_figure", "kv_accuracy_figure", "kv_channel_figure", "kv_speedup_figure",
     "layer_sqnr_heatmap", "levels_figure", "markdown_table", "mx_rule_figure", "outliers",

@@ -66,3 +66,30 @@ def roofline_figure(M: list[int], series: dict, title: str) -> go.Figure:
                       yaxis_type="log", xaxis_title="M (tokens in the batch, log)",
                       yaxis_title="time (ms, log)")
     return fig
+
+
+def decode_throughput_figure(e2e: dict, model: str = "8b") -> go.Figure:
+    """e2e: a data/bench/e2e-<device>.json. Decode tokens/s against batch (log-log) for each
+    scheme of `model`, solid, with its byte floor (weights + KV read per step at the measured
+    copy bandwidth) dotted in the same colour."""
+    rows = [r for r in e2e["rows"] if r["model"] == model and r["kind"] == "decode"]
+    fig = go.Figure()
+    for i, scheme in enumerate(dict.fromkeys(r["scheme"] for r in rows)):
+        rs = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        color = COLORS[i % len(COLORS)]
+        fig.add_trace(go.Scatter(x=b, y=[r["tokens_per_s"] for r in rs], mode="lines+markers",
+                                 name=scheme, line=dict(color=color),
+                                 hovertemplate=scheme + "<br>batch %{x}<br>%{y:.4g} tok/s"
+                                 "<extra></extra>"))
+        fig.add_trace(go.Scatter(x=b, y=[r["floor_tokens_per_s"] for r in rs], mode="lines",
+                                 name=f"{scheme} floor", line=dict(color=color, dash="dot"),
+                                 hovertemplate=scheme + " floor<br>batch %{x}<br>%{y:.4g} tok/s"
+                                 "<extra></extra>"))
+    scaled = " (times scaled from fewer layers)" if rows and rows[0]["scaled"] else ""
+    fig.update_layout(title=f"{model}: decode tokens/s on {e2e['device']}{scaled}",
+                      template="plotly_white", height=460, xaxis_type="log", yaxis_type="log",
+                      xaxis_tickvals=sorted({r["batch"] for r in rows}),
+                      xaxis_title="batch (sequences decoded together, log)",
+                      yaxis_title="tokens/s (log)")
+    return fig

@@ -38,11 +38,11 @@ def test_registry_serves_exactly_the_listed_presets():
 
 
 def test_backend_choice_and_fallback():
-    lin = nn.Linear(256, 128, dtype=torch.bfloat16)
+    lin = nn.Linear(256, 128, dtype=torch.bfloat16, device=DEV)
     assert QuantLinear.from_linear(lin, "w4a16", backend="auto").backend == (
         "triton" if DEV == "cuda" else "reference")
     with pytest.warns(UserWarning, match="no Triton kernel serves nf4"):
-        q = QuantLinear.from_linear(lin, "nf4", backend="triton")
+        q = QuantLinear.from_linear(lin.cpu(), "nf4", backend="triton")
     assert q.backend == "reference" and "no Triton kernel serves" in repr(q)
     with pytest.raises(ValueError, match="use one of"):
         QuantLinear.from_linear(lin, "w4a16", backend="cuda")
@@ -101,11 +101,14 @@ def check_greedy(scheme: str, layers: int, steps: int) -> None:
     if torch.equal(tri_tok, ref_tok):
         return
     # Kernel rounding (fp32 sums vs bf16 F.linear) may flip a near tie: then the logits must
-    # agree to 5% of their spread up to the first differing token, and top-1 on >= 99% of them.
+    # agree to 5% of their spread up to the first differing token, and at that token the
+    # reference's margin between its choice and the kernel's must be within the logit error.
     first = int((tri_tok != ref_tok).int().argmax())
-    a, b = tri_lg[:, : first + 1], ref_lg[:, : first + 1]
-    assert (a - b).abs().max() <= 0.05 * (b.amax() - b.amin()), scheme
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.99 or first == steps - 1, scheme
+    a, b = tri_lg[0, : first + 1], ref_lg[0, : first + 1]
+    err = (a - b).abs().max()
+    assert err <= 0.05 * (b.amax() - b.amin()), scheme
+    margin = b[first, ref_tok[0, first]] - b[first, tri_tok[0, first]]
+    assert margin <= 2 * err, (scheme, float(margin), float(err))
 
 
 @pytest.mark.slow
