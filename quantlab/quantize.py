@@ -74,6 +74,10 @@ def _check_input(x: Tensor, ts: TensorScheme) -> None:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"x must be a real floating-point tensor (float32/16, bf16), got {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"x (shape {tuple(x.shape)}) is on the meta device and holds no "
+                         "values; load the real weights first (from_pretrained without "
+                         "device_map='meta' / init_empty_weights, or load_state_dict(assign=True))")
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to quantize")
     if x.ndim == 0:

@@ -168,14 +168,14 @@ def test_tokenizer_symlink_out_of_model_folder_refused(tmp_path):
 def test_export_refuses_source_folder(tmp_path):
     from quantlab.io.compressed_tensors import export_compressed_tensors
     from quantlab.nn import quantize_model
-    from tests.test_io_fixtures import make_tiny
 
-    model, tok = make_tiny(tmp_path)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    q = quantize_model(model, "w4a16")
+    (tmp_path / "model.safetensors").write_text("the original weights")
+    (tmp_path / MARKER).write_text("")  # even a source folder that looks like an export
+    q = quantize_model(_llama(), "w8a16")
     with pytest.raises(ValueError, match="source model"):
-        export_compressed_tensors(q, tmp_path, tokenizer=tok, source_dir=tmp_path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+        export_compressed_tensors(q, tmp_path, source_dir=tmp_path, overwrite=True)
+    assert (tmp_path / "model.safetensors").read_text() == "the original weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "model.safetensors"]
 
 
 # --- silent wrong results -> clear errors ------------------------------------------------
@@ -514,3 +514,12 @@ def test_disk_full_from_writers(tmp_path, err):
         with atomic_output(tmp_path / "out"):
             raise exc
     assert list(tmp_path.iterdir()) == []
+
+
+def test_meta_tensor_refused():
+    import torch
+
+    from quantlab.quantize import quantize
+
+    with pytest.raises(ValueError, match="meta device.*load the real weights"):
+        quantize(torch.empty(8, 128, device="meta"), "w4a16")
