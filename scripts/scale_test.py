@@ -113,16 +113,21 @@ def main() -> int:
     ap.add_argument("--load-check-layers", type=int, default=4,
                     help="also export a version this deep and load it in transformers (0: skip)")
     ap.add_argument("--json", help="write the measurements here")
+    ap.add_argument("--checkpoint", help="export this existing checkpoint folder (its config's "
+                    "depth is the deepest) instead of writing one; it is kept")
     args = ap.parse_args()
     depths = sorted(int(x) for x in args.layers.split(","))
     root = Path(tempfile.mkdtemp(prefix="quantlab-scale-", dir=args.tmp))
     rows = []
     try:
         ckpt = root / f"llama-{depths[-1]}l"
-        t0 = time.perf_counter()
-        size = write_checkpoint(ckpt, llama_config(args, depths[-1]))
-        print(f"wrote {ckpt} ({size / 1e9:.2f} GB bf16) in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        if args.checkpoint:
+            os.symlink(Path(args.checkpoint).resolve(), ckpt)
+        else:
+            t0 = time.perf_counter()
+            size = write_checkpoint(ckpt, llama_config(args, depths[-1]))
+            print(f"wrote {ckpt} ({size / 1e9:.2f} GB bf16) in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
         extra = [args.load_check_layers] if args.load_check_layers else []
         for d in sorted(set(depths[:-1] + extra)):
             shallower(ckpt, root / f"llama-{d}l", d)
