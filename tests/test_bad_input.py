@@ -523,3 +523,17 @@ def test_meta_tensor_refused():
 
     with pytest.raises(ValueError, match="meta device.*load the real weights"):
         quantize(torch.empty(8, 128, device="meta"), "w4a16")
+
+
+def test_files_fsynced_before_rename_and_parent_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(
+        f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b)))
+                        or real_replace(a, b))
+    _export(tmp_path / "out")
+    kinds = [(k, Path(p).name) for k, p in events]
+    first_replace = kinds.index(("replace", "out"))
+    assert ("fsync", "model.safetensors") in kinds[:first_replace]
+    assert ("fsync", tmp_path.name) in kinds[first_replace:]  # the parent, after the rename

@@ -209,7 +209,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--calib-file", help="text for static activation scales (default: embedded "
                    "calibration split)")
     e.add_argument("--calib-tokens", type=at_least(1), default=2048)
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier "
+                   "quantlab export (it holds .quantlab-export) or empty; never other files")
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip re-reading the export with compressed-tensors / gguf")
     e.add_argument("--algorithm", choices=("rtn", "gptq", "awq"), default="rtn",
