@@ -49,32 +49,88 @@ MODELS = {  # Llama-3 shapes; vocab 128256, rope theta 500000
 }
 
 
+KV_DTYPES = {"bf16": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+KV_MAX = {"int8": 127.0, "fp8": 448.0}
+
+
 @dataclass
 class StaticCache:
-    """Preallocated keys and values, one (B, kv_heads, max_len, head_dim) pair per layer."""
+    """Preallocated keys and values, one (B, kv_heads, max_len, head_dim) pair per layer: bf16,
+    or int8 / E4M3 codes with one fp32 scale per (token, head) in ks, vs (B, kv_heads, max_len):
+    the int8_per_token_head / fp8_per_token_head codecs of quantlab.kv, stored as the decode
+    attention kernel (quantlab.kv.attention) reads them."""
 
     k: list[Tensor]
     v: list[Tensor]
+    ks: list[Tensor] | None = None
+    vs: list[Tensor] | None = None
+    kv: str = "bf16"
 
     @classmethod
-    def empty(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype) -> StaticCache:
+    def empty(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype,
+              kv: str = "bf16") -> StaticCache:
+        if kv not in KV_DTYPES:
+            raise ValueError(f"kv={kv!r}; use one of {tuple(KV_DTYPES)}")
         cfg = model.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, d)
         dev = model.lm_head.weight.device
         n = len(model.model.layers)
-        return cls([torch.zeros(shape, dtype=dtype, device=dev) for _ in range(n)],
-                   [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(n)])
+        cdt = KV_DTYPES[kv] or dtype
+        new = lambda sh, dt: [torch.zeros(sh, dtype=dt, device=dev) for _ in range(n)]  # noqa: E731
+        if kv == "bf16":
+            return cls(new(shape, cdt), new(shape, cdt))
+        return cls(new(shape, cdt), new(shape, cdt), new(shape[:3], torch.float32),
+                   new(shape[:3], torch.float32), kv)
 
     @property
     def nbytes_per_token(self) -> int:
-        """KV bytes per position per sequence, all layers."""
-        return sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
+        """KV bytes per position per sequence, all layers, scales included."""
+        per = [t[0, :, 0] for t in self.k + self.v] + [t[0, :, :1] for t in (self.ks or []) +
+                                                       (self.vs or [])]
+        return sum(t.numel() * t.element_size() for t in per)
+
+    def write(self, i: int, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store layer i's k, v (B, kv_heads, T, D) at positions pos (T,), encoding them per
+        (token, head) as PerTokenHeadCodec does (same codes and scales; no host sync, so a CUDA
+        graph can capture it)."""
+        for codes, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
+            if scales is None:
+                codes[i].index_copy_(2, pos, x.to(codes[i].dtype))
+                continue
+            xf = x.float()
+            s = xf.abs().amax(-1) / KV_MAX[self.kv]                       # (B, H, T)
+            y = torch.where(s[..., None] == 0, 0.0, xf / torch.where(s == 0, 1.0, s)[..., None])
+            if self.kv == "int8":
+                codes[i].index_copy_(2, pos, y.round().clamp(-127, 127).to(torch.int8))
+            else:  # index_copy_ has no float8 kernel: copy the bytes
+                codes[i].view(torch.uint8).index_copy_(
+                    2, pos, y.to(torch.float8_e4m3fn).view(torch.uint8))
+            scales[i].index_copy_(2, pos, s)
+
+    def read(self, i: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Layer i's whole cache as (keys, values) in dtype (decoded when quantized)."""
+        if self.ks is None:
+            return self.k[i], self.v[i]
+        return ((self.k[i].float() * self.ks[i][..., None]).to(dtype),
+                (self.v[i].float() * self.vs[i][..., None]).to(dtype))
+
+
+def _decode_attention(q: Tensor, cache: StaticCache, i: int, lens: Tensor, scale: float) -> Tensor:
+    """One query per sequence, q (B, H, D), over layer i of a quantized cache -> (B, H, D): the
+    Triton kernel where kernels run (CUDA, or TRITON_INTERPRET=1), its reference elsewhere."""
+    from quantlab.kernels._runtime import interpreted
+    from quantlab.kv.attention import decode_attention, decode_attention_ref
+
+    fn = decode_attention if q.is_cuda or interpreted() else decode_attention_ref
+    out = fn(q, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], lens, sm_scale=scale)
+    return out.to(q.dtype)
 
 
 def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> Tensor:
     """ids (B, T) at positions pos (T,) long -> logits (B, V) of the last position, float32.
-    Writes the T positions' keys and values into cache; attends to positions <= each one."""
+    Writes the T positions' keys and values into cache; attends to positions <= each one.
+    Decode steps (T = 1) over an int8 / fp8 cache go through the decode-attention kernel."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     B, T = ids.shape
@@ -82,6 +138,8 @@ def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> T
     cos, sin = model.model.rotary_emb(h, pos[None])
     L = cache.k[0].shape[2]
     mask = pos[:, None] >= torch.arange(L, device=ids.device)[None]          # (T, L)
+    kernel = cache.ks is not None and T == 1
+    lens = (pos[-1:] + 1).to(torch.int32).repeat(B) if kernel else None
     for i, layer in enumerate(model.model.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
@@ -89,25 +147,29 @@ def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> T
         k = a.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)          # (B, Hkv, T, D)
         v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache.k[i].index_copy_(2, pos, k)
-        cache.v[i].index_copy_(2, pos, v)
-        hkv = k.shape[1]
-        g = q.shape[1] // hkv  # query heads per KV head, folded into the query length
-        qg = q.reshape(B, hkv, g * T, a.head_dim)
-        o = F.scaled_dot_product_attention(qg, cache.k[i], cache.v[i],
-                                           attn_mask=mask.repeat(g, 1), scale=a.scaling)
-        o = o.reshape(B, -1, T, a.head_dim).transpose(1, 2).reshape(B, T, -1)
-        h = h + a.o_proj(o)
+        cache.write(i, pos, k, v)
+        if kernel:
+            o = _decode_attention(q[:, :, 0].contiguous(), cache, i, lens, a.scaling)
+            h = h + a.o_proj(o.reshape(B, 1, -1))
+        else:
+            hkv = k.shape[1]
+            g = q.shape[1] // hkv  # query heads per KV head, folded into the query length
+            qg = q.reshape(B, hkv, g * T, a.head_dim)
+            kc, vc = cache.read(i, q.dtype)
+            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask.repeat(g, 1),
+                                               scale=a.scaling)
+            o = o.reshape(B, -1, T, a.head_dim).transpose(1, 2).reshape(B, T, -1)
+            h = h + a.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(model.model.norm(h[:, -1])).float()
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt: Tensor, steps: int) -> Tensor:
+def generate(model: nn.Module, prompt: Tensor, steps: int, kv: str = "bf16") -> Tensor:
     """Greedy tokens (B, steps) after prompt (B, P), eagerly through forward (the reference for
     the graphed decode and for transformers' generate)."""
     B, P = prompt.shape
-    cache = StaticCache.empty(model, B, P + steps, model.lm_head.weight.dtype)
+    cache = StaticCache.empty(model, B, P + steps, model.lm_head.weight.dtype, kv)
     tok = forward(model, cache, prompt, torch.arange(P, device=prompt.device)).argmax(-1)
     out = [tok]
     for t in range(P, P + steps - 1):
@@ -141,8 +203,11 @@ def build_model(name: str, layers: int | None = None, device: str = "cuda",
             torch.set_default_dtype(default)
     else:
         raise ValueError(f"model {name!r}: use 'stdlib', '8b' or '70b'")
+    model.full_layers = MODELS[name]["num_hidden_layers"] if name in MODELS \
+        else len(model.model.layers)  # what times are scaled to
     if layers is not None and layers < len(model.model.layers):
         model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
     return model
 
 
@@ -187,15 +252,16 @@ def _timer(device: torch.device):
 
 
 def decode_step_time(model: nn.Module, batch: int, context: int, steps: int,
-                     graphs: bool = True) -> float:
+                     graphs: bool = True, kv: str = "bf16") -> float:
     """Seconds per greedy decode step at `batch` sequences with `context` cached positions
     (cache filled with random values: attention costs the same), median over `steps` steps
     replayed from one CUDA graph (graphs=True on a GPU) or run eagerly."""
     dev = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
-    cache = StaticCache.empty(model, batch, context + steps + 8, dtype)
-    for t in cache.k + cache.v:
-        t[:, :, :context].normal_()
+    cache = StaticCache.empty(model, batch, context + steps + 8, dtype, kv)
+    for t in cache.k + cache.v:  # random codes / values; scales stay 0 (same bytes, same time)
+        t[:, :, :context].copy_(torch.randn(t[:, :, :context].shape, device=dev)
+                                .mul(1 if kv == "bf16" else 40))
     tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
     pos = torch.tensor([context], device=dev)
 
@@ -260,9 +326,10 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
                batches: tuple[int, ...] = BATCHES, context: int = 512, prompt: int = 512,
                steps: int = 20, layers: int | None = None, backend: str = "auto",
                device: str | None = None, bandwidth: float | None = None,
-               log=print, json_path=None) -> list[Row]:
-    """Rows for each scheme ("bf16" = unquantized) and batch; see the module doc. json_path:
-    rewritten after every row, so a run cut short keeps what it measured."""
+               log=print, json_path=None, kvs: tuple[str, ...] = ("bf16",)) -> list[Row]:
+    """Rows for each scheme ("bf16" = unquantized), KV dtype (kvs: "bf16", "int8", "fp8") and
+    batch; see the module doc. json_path: rewritten after every row, so a run cut short keeps
+    what it measured. The prefill row is measured with a bf16 cache."""
     from quantlab.nn import QuantLinear, quantize_model
     from quantlab.schemes import get_scheme
 
@@ -279,8 +346,7 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
         bandwidth = copy_bandwidth()
     dtype = torch.bfloat16  # on a CPU too: same model, slower numbers
     base = build_model(model_name, layers, device, dtype)
-    n_model = (MODELS[model_name]["num_hidden_layers"] if model_name in MODELS
-               else base.config.num_hidden_layers)
+    n_model = base.full_layers
     n_run = len(base.model.layers)
     scale = n_model / n_run
     rows: list[Row] = []
@@ -296,44 +362,47 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
                                    backend=backend)
         backends = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
         wbytes = weight_bytes(model) * scale
-        kv_tok = StaticCache.empty(model, 1, 1, dtype).nbytes_per_token * scale
-        common = dict(model=model_name, scheme=scheme, kv=str(dtype).replace("torch.", ""),
+        common = dict(model=model_name, scheme=scheme,
                       weight_gb=wbytes / 1e9, layers_run=n_run, scaled=n_run != n_model,
                       backend="+".join(backends) or "torch", device=_device_name(dev),
                       bandwidth_gbs=bandwidth / 1e9 if bandwidth else None)
-        for b in batches:
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            graphed = cuda
-            try:
+        for kv_name in kvs:
+            kv_tok = StaticCache.empty(model, 1, 1, dtype, kv_name).nbytes_per_token * scale
+            for b in batches:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                graphed = cuda
                 try:
-                    sec = decode_step_time(model, b, context, steps, graphs=cuda) * scale
-                except RuntimeError as err:  # a capture that fails: timed eagerly, and said so
-                    if not cuda or isinstance(err, torch.OutOfMemoryError):
-                        raise
-                    log(f"{scheme} batch {b}: CUDA graph capture failed ({err}); eager timing")
-                    graphed = False
-                    sec = decode_step_time(model, b, context, steps, graphs=False) * scale
-            except torch.OutOfMemoryError:
-                log(f"{scheme} batch {b}: out of GPU memory, skipped")
-                continue
-            kv = b * context * kv_tok
-            floor = b / ((wbytes + kv) / bandwidth) if bandwidth else None
-            rows.append(Row(kind="decode", batch=b, context=context, tokens_per_s=b / sec,
-                            ms=sec * 1e3, floor_tokens_per_s=floor, kv_gb=kv / 1e9,
-                            peak_gb=_peak(cuda), graphed=graphed, **common))
-            log(_fmt(rows[-1]))
-            if json_path:
-                save(rows, json_path)
+                    try:
+                        sec = decode_step_time(model, b, context, steps, cuda, kv_name) * scale
+                    except RuntimeError as err:  # a capture that fails: timed eagerly, and said so
+                        if not cuda or isinstance(err, torch.OutOfMemoryError):
+                            raise
+                        log(f"{scheme} batch {b}: CUDA graph capture failed ({err}); eager timing")
+                        graphed = False
+                        sec = decode_step_time(model, b, context, steps, False, kv_name) * scale
+                except torch.OutOfMemoryError:
+                    log(f"{scheme} batch {b}: out of GPU memory, skipped")
+                    continue
+                kv = b * context * kv_tok
+                floor = b / ((wbytes + kv) / bandwidth) if bandwidth else None
+                rows.append(Row(kind="decode", batch=b, context=context, tokens_per_s=b / sec,
+                                ms=sec * 1e3, floor_tokens_per_s=floor, kv_gb=kv / 1e9,
+                                peak_gb=_peak(cuda), graphed=graphed, kv=kv_name,
+                                **common))
+                log(_fmt(rows[-1]))
+                if json_path:
+                    save(rows, json_path)
         if prompt:
+            kv_tok = StaticCache.empty(model, 1, 1, dtype).nbytes_per_token * scale
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             sec = prefill_time(model, prompt) * scale
             rows.append(Row(kind="prefill", batch=1, context=prompt, tokens_per_s=prompt / sec,
                             ms=sec * 1e3, floor_tokens_per_s=None,
                             kv_gb=prompt * kv_tok / 1e9, peak_gb=_peak(cuda), graphed=False,
-                            **common))
+                            kv="bf16", **common))
             log(_fmt(rows[-1]))
             if json_path:
                 save(rows, json_path)
@@ -349,7 +418,7 @@ def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
-HEADER = ("model", "scheme", "kind", "batch", "ctx", "tok/s", "ms", "floor tok/s", "% floor",
+HEADER = ("model", "scheme", "kv", "kind", "batch", "ctx", "tok/s", "ms", "floor tok/s", "% floor",
           "peak GB", "backend")
 
 
@@ -357,7 +426,7 @@ def _fmt(r: Row) -> str:
     pct = f"{100 * r.tokens_per_s / r.floor_tokens_per_s:.0f}" if r.floor_tokens_per_s else "-"
     floor = f"{r.floor_tokens_per_s:.1f}" if r.floor_tokens_per_s else "-"
     peak = f"{r.peak_gb:.2f}" if r.peak_gb is not None else "-"
-    return " | ".join((r.model + ("*" if r.scaled else ""), r.scheme, r.kind, str(r.batch),
+    return " | ".join((r.model + ("*" if r.scaled else ""), r.scheme, r.kv, r.kind, str(r.batch),
                        str(r.context), f"{r.tokens_per_s:.1f}", f"{r.ms:.3f}", floor, pct, peak,
                        r.backend))
 
@@ -398,6 +467,8 @@ def add_parser(sub) -> None:
     t.add_argument("--steps", type=int, default=20, help="timed decode steps per batch")
     t.add_argument("--layers", type=int, help="decoder layers to build (times scaled up)")
     t.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    t.add_argument("--kv", default="bf16", help="comma-separated KV cache dtypes: bf16, int8, "
+                   "fp8 (per token-head scales; decode steps through the decode-attention kernel)")
     t.add_argument("--json", help="write {device, torch, triton, date, rows} to this file")
     t.set_defaults(func=cmd_throughput)
 
@@ -406,7 +477,8 @@ def cmd_throughput(args) -> int:
     rows = throughput(args.model, tuple(args.schemes.split(",")),
                       tuple(int(b) for b in args.batches.split(",")), args.context, args.prompt,
                       args.steps, args.layers, args.backend,
-                      log=lambda m: print(m, file=sys.stderr, flush=True), json_path=args.json)
+                      log=lambda m: print(m, file=sys.stderr, flush=True), json_path=args.json,
+                      kvs=tuple(args.kv.split(",")))
     if rows and rows[0].device == "cpu":
         print("CPU numbers (no CUDA GPU here): the reference backend, eager, bf16 on the CPU; "
               "not what a GPU does")

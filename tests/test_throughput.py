@@ -3,14 +3,22 @@ command on the CPU with tiny settings (CPU numbers, reference backend)."""
 
 import json
 
+import pytest
 import torch
 
 from quantlab.cli import main
-from quantlab.throughput import StaticCache, build_model, generate, throughput, weight_bytes
+from quantlab.throughput import (
+    StaticCache,
+    build_model,
+    forward,
+    generate,
+    throughput,
+    weight_bytes,
+)
 
 
 def test_static_cache_decode_equals_transformers_generate():
-    model = build_model("stdlib", device="cpu", dtype=torch.float32)
+    model = build_model("stdlib", layers=2, device="cpu", dtype=torch.float32)
     prompt = (torch.arange(1, 17) * 131 % 4096).reshape(2, 8)
     ours = generate(model, prompt, 5)
     with torch.no_grad():
@@ -47,3 +55,35 @@ def test_cli_throughput_cpu(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["cpu_numbers"] and data["rows"][0]["scheme"] == "bf16"
     assert {"device", "torch", "triton", "date"} <= data.keys()
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_cache_codes_and_kernel_decode(kv):
+    """The static cache stores exactly the codec's codes and scales, and a decode step through
+    the decode-attention kernel (interpreted here) matches SDPA over the decoded cache."""
+    from quantlab.kv.codecs import get_codec
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel compiled, or interpreted
+    model = build_model("stdlib", layers=1, device=dev)
+    cache = StaticCache.empty(model, 2, 16, torch.bfloat16, kv)
+    k, v = torch.randn(2, 2, 5, 64, device=dev) * 3, torch.randn(2, 2, 5, 64, device=dev)
+    k[0, 1, 2] = 0  # an all-zero head vector: scale 0, codes 0
+    cache.write(0, torch.arange(3, 8, device=dev), k, v)
+    parts = get_codec(f"{kv}_per_token_head").encode(k, "k")
+    codes = cache.k[0][:, :, 3:8]
+    assert torch.equal(codes.view(torch.uint8) if kv == "fp8" else codes,
+                       parts["codes"].to(codes.dtype) if kv == "int8" else parts["codes"])
+    assert torch.equal(cache.ks[0][:, :, 3:8], parts["scale"])
+    prompt = (torch.arange(1, 13, device=dev) * 131 % 4096).reshape(2, 6)
+    with torch.no_grad():
+        kern = generate(model, prompt, 3, kv=kv)
+        ref = generate(model, prompt, 3)
+    assert (kern == ref).float().mean() >= 0.5  # int8/fp8 keys: a near tie may flip
+    logits = {}
+    for name in (kv, "bf16"):  # one decode step: kernel over int8/fp8 vs SDPA over bf16
+        cache = StaticCache.empty(model, 2, 9, torch.bfloat16, name)
+        with torch.no_grad():
+            forward(model, cache, prompt, torch.arange(6, device=dev))
+            logits[name] = forward(model, cache, prompt[:, -1:], torch.tensor([6], device=dev))
+    err = (logits[kv] - logits["bf16"]).norm() / logits["bf16"].norm()
+    assert err < 0.03, err
