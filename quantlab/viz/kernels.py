@@ -68,12 +68,13 @@ def roofline_figure(M: list[int], series: dict, title: str) -> go.Figure:
     return fig
 
 
-def decode_throughput_figure(e2e: dict, model: str = "8b", kv: str = "bf16") -> go.Figure:
+def decode_throughput_figure(e2e: dict, model: str = "8b", kv: str = "bf16",
+                             context: int = 512) -> go.Figure:
     """e2e: a data/bench/e2e-<device>.json. Decode tokens/s against batch (log-log) for each
-    scheme of `model` with a `kv` cache, solid, with its byte floor (weights + KV read per step
-    at the measured copy bandwidth) dotted in the same colour."""
-    rows = [r for r in e2e["rows"]
-            if r["model"] == model and r["kind"] == "decode" and r["kv"] == kv]
+    scheme of `model` with a `kv` cache holding `context` positions, solid, with its byte floor
+    (weights + KV read per step at the measured copy bandwidth) dotted in the same colour."""
+    rows = [r for r in e2e["rows"] if r["model"] == model and r["kind"] == "decode"
+            and r["kv"] == kv and r["context"] == context]
     fig = go.Figure()
     for i, scheme in enumerate(dict.fromkeys(r["scheme"] for r in rows)):
         rs = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["batch"])
