@@ -282,13 +282,21 @@ def test_quantize_model_zero_act_scale_names_layer():
         quantize_model(model, "fp8_per_tensor", act_scales=scales)
 
 
-def test_tied_lm_head_quantized_is_untied():
+def test_tied_lm_head_quantized_is_untied(tmp_path):
+    from safetensors import safe_open
+
+    from quantlab.io.compressed_tensors import export_compressed_tensors
     from quantlab.nn import QuantLinear, quantize_model
 
     model = _llama(tie=True)
     with pytest.warns(UserWarning, match="tie_word_embeddings is set to False"):
         quantize_model(model, "w8a16", ignore=())
     assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings is False
+    out = export_compressed_tensors(model, tmp_path / "q")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight_scale" in keys
     kept = quantize_model(_llama(tie=True), "w8a16")  # the default ignore keeps the tie
     assert kept.config.tie_word_embeddings is True
 
