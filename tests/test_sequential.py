@@ -87,6 +87,7 @@ def test_embedded_rtn_w4a16_identical(tmp_path):
     _assert_same(ref, seq)
 
 
+@pytest.mark.slow
 def test_embedded_static_fp8_identical(tmp_path):
     """fp8_per_tensor: static input scales from the float model's stream, layer by layer."""
     from quantlab.eval.lm import token_windows
@@ -99,8 +100,9 @@ def test_embedded_static_fp8_identical(tmp_path):
     _assert_same(ref, seq)
 
 
-@pytest.mark.parametrize("scheme,algorithm", [("w4a16", "rtn"), ("w4a16", "gptq"),
-                                              ("w4a16_asym", "awq"), ("nvfp4", "rtn")])
+@pytest.mark.parametrize("scheme,algorithm", [
+    ("w4a16", "rtn"), ("w4a16", "gptq"), pytest.param("w4a16_asym", "awq", marks=pytest.mark.slow),
+    ("nvfp4", "rtn")])
 def test_tiny_sharded_identical(tiny, tmp_path, scheme, algorithm):
     """GPTQ: both paths take each layer's Hessian from the quantized previous layers' outputs;
     AWQ: both from the float model's; NVFP4 input global scales: from the quantized model."""
