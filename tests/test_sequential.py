@@ -102,7 +102,7 @@ def test_embedded_static_fp8_identical(tmp_path):
 
 @pytest.mark.parametrize("scheme,algorithm", [
     ("w4a16", "rtn"), ("w4a16", "gptq"), pytest.param("w4a16_asym", "awq", marks=pytest.mark.slow),
-    ("nvfp4", "rtn")])
+    ("nvfp4", "rtn"), pytest.param("fp8_per_tensor", "gptq", marks=pytest.mark.slow)])
 def test_tiny_sharded_identical(tiny, tmp_path, scheme, algorithm):
     """GPTQ: both paths take each layer's Hessian from the quantized previous layers' outputs;
     AWQ: both from the float model's; NVFP4 input global scales: from the quantized model."""

@@ -267,7 +267,8 @@ def model_tensors(model: nn.Module, dtype: torch.dtype,
         for local, t in layer_tensors(m.qweight, dtype, compression_format(m.scheme)).items():
             out[f"{name}.{local}"] = t
         if m.input_scale is not None:
-            out[f"{name}.input_scale"] = m.input_scale.float().reshape(1)
+            # a copy: GPTQ gives q/k/v one shared scale tensor, which safetensors refuses to save
+            out[f"{name}.input_scale"] = m.input_scale.float().reshape(1).clone()
         act = m.scheme.activations
         if act is not None and act.scale_rule == NVFP4:
             if not input_global_scales or name not in input_global_scales:
