@@ -27,8 +27,9 @@ FLOORS = [
     {"algorithms", "kv"},
     {"eval"},  # eval.lm.layer_errors captures layer inputs (algorithms) through QuantLinear
     {"models", "report"},
-    {"io", "compare", "sequential"},  # io/audit prints with report.format_table; io/cli loads
-    # models; sequential (the layer-by-layer exporter) writes through io
+    {"io", "compare", "sequential", "throughput"},  # io/audit prints with report.format_table;
+    # io/cli loads models; sequential (the layer-by-layer exporter) writes through io;
+    # throughput (the decode benchmark) runs nn's QuantLinear and kv's attention
     {"studies", "studies.outliers", "studies.calibrated", "studies.fp8", "studies.kv",
      "studies.deploy"},
     {"viz", "viz.book", "viz.compare", "viz.formats", "viz.schemes", "viz.outliers",
