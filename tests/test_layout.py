@@ -34,7 +34,7 @@ FLOORS = [
      "studies.deploy"},
     {"viz", "viz.book", "viz.compare", "viz.formats", "viz.schemes", "viz.outliers",
      "viz.calibrated", "viz.fp8", "viz.kv", "viz.kernels", "viz.deploy"},
-    {"widgets", "cli"},
+    {"widgets", "cli", "io.cli"},
 ]
 FLOOR = {unit: i for i, units in enumerate(FLOORS) for unit in units}
 
@@ -49,11 +49,12 @@ def _module_name(path: Path) -> str:
 
 
 def _unit(module: str) -> str:
-    """quantlab.kv.cache -> kv; quantlab.studies.kv -> studies.kv; quantlab -> quantlab."""
+    """quantlab.kv.cache -> kv; quantlab.studies.kv -> studies.kv; quantlab -> quantlab;
+    quantlab.io.cli -> io.cli (the export/audit commands: a job above io, like cli)."""
     parts = module.split(".")[1:]
     if not parts:
         return "quantlab"
-    if parts[0] in ("studies", "viz") and len(parts) > 1:
+    if parts[0] in ("studies", "viz") and len(parts) > 1 or parts[:2] == ["io", "cli"]:
         return ".".join(parts[:2])
     return parts[0]
 
