@@ -210,15 +210,21 @@ def cmd_record(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"setting": setting(), "chapters": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rc = 0
     for path in chapters(args.prefixes):
-        res = record_chapter(path)
+        try:
+            res = record_chapter(path)
+        except Exception as err:  # a chapter that does not run: say so, record the others
+            print(f"{path.stem:<24} FAILED to run: {type(err).__name__}: {err}", flush=True)
+            rc = 1
+            continue
         failed = sum(a["held"] is False for a in res["asserts"])
         print(f"{path.stem:<24} {res['seconds']:6.1f} s  {len(res['asserts'])} asserts"
               f"  {failed} failed", flush=True)
         out["chapters"].append(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    return 0
+        args.out.write_text(json.dumps(out, indent=1))  # after every chapter
+    return rc
 
 
 def cpu_flags() -> set[str]:
