@@ -190,54 +190,6 @@ def _amax_hooks(modules: dict[str, nn.Module], store: dict[str, Tensor]):
 
 
 @torch.no_grad()
-def _gptq_layer(layer: nn.Module, prefix: str, hidden: Tensor, kwargs: dict, scheme: Scheme,
-                ignore, percdamp: float, blocksize: int, act_order: bool) -> None:
-    """algorithms.gptq's loop body for one decoder layer (its inputs `hidden`), in place."""
-    from quantlab.algorithms.calibration import input_hooks, layer_linears, run_layer
-    from quantlab.algorithms.gptq import SHARED_INPUT, _split_rows, gptq_quantize
-
-    ts, act = scheme.weights, scheme.activations
-    fmax = act.element.max if act is not None else 1.0
-    stackable = ts.granularity.per_row and not ts.scale_rule.global_scale_bits
-    paths = {p.removesuffix(".linear"): p for p in layer_linears(layer)}
-    groups = [[paths[n] for n in names if not matches_any(prefix + n, ignore)]
-              for names in SHARED_INPUT]
-    groups = [g for g in groups if g]
-    first = {g[0]: layer.get_submodule(g[0]) for g in groups}
-    dev = hidden.device
-    with torch.device(dev):  # gptq_quantize's own tensors (torch.zeros, torch.eye) on dev too
-        stats = {p: [torch.zeros(m.in_features, m.in_features), 0, torch.zeros(())]
-                 for p, m in first.items()}
-
-        def accumulate(path, x):
-            x = x.reshape(-1, x.shape[-1]).float()
-            st = stats[path]
-            st[0] += x.T @ x
-            st[1] += x.shape[0]
-            st[2] = torch.maximum(st[2], x.abs().amax())
-
-        with input_hooks(first, accumulate):
-            run_layer(layer, hidden, kwargs)
-        for group in groups:
-            xtx, n, amax = stats[group[0]]
-            H = 2 * xtx / n
-            lins = [layer.get_submodule(p) for p in group]
-            if stackable and len(lins) > 1:
-                W = torch.cat([m.weight for m in lins])
-                qts = _split_rows(gptq_quantize(W, H, ts, percdamp, blocksize, act_order),
-                                  [m.out_features for m in lins])
-            else:
-                qts = [gptq_quantize(m.weight, H, ts, percdamp, blocksize, act_order)
-                       for m in lins]
-            act_scale = (amax / fmax).clamp(min=1e-12) if act is not None and not act.dynamic \
-                else None
-            for path, lin, qt in zip(group, lins, qts, strict=True):
-                parent, _, child = path.rpartition(".")
-                setattr(layer.get_submodule(parent), child,
-                        QuantLinear.from_linear(lin, scheme, qweight=qt, act_scale=act_scale))
-
-
-@torch.no_grad()
 def _awq_layer(layer: nn.Module, xs: dict[str, Tensor], scheme: Scheme, n_grid: int = 20,
                clip: bool = True) -> None:
     """algorithms.awq.awq_scale_model's loop body for one decoder layer, in place (a float
@@ -365,8 +317,10 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
             _materialize(layer, prefix, ckpt, dtype, device)
             igs: dict[str, Tensor] = {}
             if algorithm == "gptq":
-                _gptq_layer(layer, prefix, hidden, kwargs, scheme, ignore, percdamp, blocksize,
-                            act_order)
+                from quantlab.algorithms.gptq import gptq_layer
+
+                gptq_layer(layer, prefix, hidden, kwargs, scheme, ignore, percdamp, blocksize,
+                           act_order)
             elif algorithm == "awq":
                 xs: dict[str, Tensor] = {}
                 probes = {"qkv": layer.self_attn.q_proj, "o": layer.self_attn.o_proj,

@@ -182,34 +182,27 @@ def _split_rows(qt: QuantizedTensor, sizes: list[int]) -> list[QuantizedTensor]:
 
 
 @torch.no_grad()
-def gptq(model: nn.Module, scheme: Scheme | str, calib: Tensor, percdamp: float = 0.1,
-         blocksize: int = 128, act_order: bool = False, ignore: tuple[str, ...] = ("lm_head",)
-         ) -> nn.Module:
-    """GPTQ over a Llama-style model, in place: decoder layer by decoder layer, each layer's
-    Hessians from its inputs with the layers before it already quantized (and their activations
-    fake-quantized, for W8A8/W4A4 schemes). calib: (B, T) int64 token ids, a few thousand tokens.
-    percdamp 0.1, not the reference's 0.01: with a few thousand calibration tokens (not 128 x 2048)
-    the stronger dampening generalizes better to held-out text. Linear layers outside the
-    decoder layers (lm_head is ignored by default) get round to nearest. Returns the model."""
-    scheme = get_scheme(scheme)
-    ts = scheme.weights
-    layers = decoder_layers(model)
-    check_calibration(calib)
-    hidden, kwargs = first_layer_inputs(model, calib)
-    act = scheme.activations
+def gptq_layer(layer: nn.Module, prefix: str, hidden: Tensor, kwargs: dict, scheme: Scheme,
+                ignore, percdamp: float, blocksize: int, act_order: bool) -> None:
+    """GPTQ for one decoder layer, in place: its Hessians from `hidden` (its inputs, (B, T, H),
+    on the layer's device; kwargs: what the layer is called with), then each linear replaced by
+    a QuantLinear. gptq() runs it layer after layer; quantlab.sequential one loaded layer at a
+    time. prefix: the layer's name in the model ("model.layers.3."), for `ignore`."""
+
+    ts, act = scheme.weights, scheme.activations
     fmax = act.element.max if act is not None else 1.0
     stackable = ts.granularity.per_row and not ts.scale_rule.global_scale_bits
-    for index, layer in enumerate(layers):
-        paths = {p.removesuffix(".linear"): p for p in layer_linears(layer)}
-        prefix = f"model.layers.{index}."
-        groups = [[paths[n] for n in names if not matches_any(prefix + n, ignore)]
-                  for names in SHARED_INPUT]
-        groups = [g for g in groups if g]
-        first = {g[0]: layer.get_submodule(g[0]) for g in groups}
+    paths = {p.removesuffix(".linear"): p for p in layer_linears(layer)}
+    groups = [[paths[n] for n in names if not matches_any(prefix + n, ignore)]
+              for names in SHARED_INPUT]
+    groups = [g for g in groups if g]
+    first = {g[0]: layer.get_submodule(g[0]) for g in groups}
+    dev = hidden.device
+    with torch.device(dev):  # gptq_quantize's own tensors (torch.zeros, torch.eye) on dev too
         stats = {p: [torch.zeros(m.in_features, m.in_features), 0, torch.zeros(())]
                  for p, m in first.items()}
 
-        def accumulate(path, x, stats=stats):
+        def accumulate(path, x):
             x = x.reshape(-1, x.shape[-1]).float()
             st = stats[path]
             st[0] += x.T @ x
@@ -227,13 +220,33 @@ def gptq(model: nn.Module, scheme: Scheme | str, calib: Tensor, percdamp: float 
                 qts = _split_rows(gptq_quantize(W, H, ts, percdamp, blocksize, act_order),
                                   [m.out_features for m in lins])
             else:
-                qts = [gptq_quantize(m.weight, H, ts, percdamp, blocksize, act_order) for m in lins]
+                qts = [gptq_quantize(m.weight, H, ts, percdamp, blocksize, act_order)
+                       for m in lins]
             act_scale = (amax / fmax).clamp(min=1e-12) if act is not None and not act.dynamic \
                 else None
             for path, lin, qt in zip(group, lins, qts, strict=True):
                 parent, _, child = path.rpartition(".")
                 setattr(layer.get_submodule(parent), child,
                         QuantLinear.from_linear(lin, scheme, qweight=qt, act_scale=act_scale))
+
+
+@torch.no_grad()
+def gptq(model: nn.Module, scheme: Scheme | str, calib: Tensor, percdamp: float = 0.1,
+         blocksize: int = 128, act_order: bool = False, ignore: tuple[str, ...] = ("lm_head",)
+         ) -> nn.Module:
+    """GPTQ over a Llama-style model, in place: decoder layer by decoder layer, each layer's
+    Hessians from its inputs with the layers before it already quantized (and their activations
+    fake-quantized, for W8A8/W4A4 schemes). calib: (B, T) int64 token ids, a few thousand tokens.
+    percdamp 0.1, not the reference's 0.01: with a few thousand calibration tokens (not 128 x 2048)
+    the stronger dampening generalizes better to held-out text. Linear layers outside the
+    decoder layers (lm_head is ignored by default) get round to nearest. Returns the model."""
+    scheme = get_scheme(scheme)
+    layers = decoder_layers(model)
+    check_calibration(calib)
+    hidden, kwargs = first_layer_inputs(model, calib)
+    for index, layer in enumerate(layers):
+        gptq_layer(layer, f"model.layers.{index}.", hidden, kwargs, scheme, ignore, percdamp,
+                   blocksize, act_order)
         hidden = run_layer(layer, hidden, kwargs)  # the next layer sees this quantized one
     if any(isinstance(m, nn.Linear) and not matches_any(n, ignore)
            for n, m in model.named_modules()):
