@@ -189,33 +189,6 @@ def _amax_hooks(modules: dict[str, nn.Module], store: dict[str, Tensor]):
         n, torch.maximum(store.get(n, torch.zeros(())), x.detach().abs().amax().float().cpu())))
 
 
-@torch.no_grad()
-def _awq_layer(layer: nn.Module, xs: dict[str, Tensor], scheme: Scheme, n_grid: int = 20,
-               clip: bool = True) -> None:
-    """algorithms.awq.awq_scale_model's loop body for one decoder layer, in place (a float
-    transform plus clipping); xs: its probes' inputs from the float model."""
-    from quantlab.algorithms.awq import search_clip, search_scales
-    from quantlab.algorithms.smoothquant import migrate_scales
-
-    ts = scheme.weights
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-              ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-              ("down", mlp.up_proj, [mlp.down_proj])]
-    if attn.v_proj.out_features == attn.o_proj.in_features:
-        groups.insert(1, ("o", attn.v_proj, [attn.o_proj]))
-    for key, prev, lins in groups:
-        s, _, _ = search_scales(xs[key], [m.weight for m in lins], ts, n_grid)
-        migrate_scales(prev, lins, s.to(lins[0].weight.device))
-        if not clip:
-            continue
-        x = xs[key] / s
-        x = x[:: max(1, len(x) // 1024)]
-        for lin in lins:
-            if lin not in (attn.q_proj, attn.k_proj):
-                lin.weight.copy_(search_clip(x, lin.weight, ts))
-
-
 def _rtn_layer(layer: nn.Module, prefix: str, quant: dict[str, Scheme],
                act_scales: dict[str, Tensor]) -> None:
     """quantize_model on one layer: its targeted nn.Linear -> QuantLinear, in place."""
@@ -329,7 +302,9 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
                         k, x.reshape(-1, x.shape[-1]).float())):
                     hidden = run_layer(layer, hidden, kwargs)  # the float model's stream
                 step = max(1, -(-calib.numel() // 4096))  # collect_inputs' max_rows=4096
-                _awq_layer(layer, {k: x[::step] for k, x in xs.items()}, scheme)
+                from quantlab.algorithms.awq import awq_layer
+
+                awq_layer(layer, {k: x[::step] for k, x in xs.items()}, scheme.weights)
                 del xs
                 _rtn_layer(layer, prefix, quant, {})
             else:

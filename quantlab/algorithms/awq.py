@@ -80,6 +80,34 @@ def search_clip(x: Tensor, w: Tensor, ts: TensorScheme, n_grid: int = 20, max_sh
 
 
 @torch.no_grad()
+def awq_layer(layer: nn.Module, xs: dict[str, Tensor], ts: TensorScheme, n_grid: int = 20,
+              clip: bool = True) -> dict[str, float]:
+    """AWQ for one Llama-style decoder layer, in place: search and fold the scales of each
+    group of linears that share an input, then (clip) clip their weights. xs: {"qkv", "o",
+    "gate_up", "down": that group's inputs (rows, K)} from the float model. awq_scale_model runs
+    it layer after layer; quantlab.sequential one loaded layer at a time. Returns {group: alpha}."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+              ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+              ("down", mlp.up_proj, [mlp.down_proj])]
+    if attn.v_proj.out_features == attn.o_proj.in_features:  # no GQA: v -> o is foldable
+        groups.insert(1, ("o", attn.v_proj, [attn.o_proj]))
+    alphas = {}
+    for key, prev, lins in groups:
+        s, alpha, _ = search_scales(xs[key], [m.weight for m in lins], ts, n_grid)
+        migrate_scales(prev, lins, s.to(lins[0].weight.device))
+        alphas[key] = alpha
+        if not clip:
+            continue
+        x = xs[key] / s  # what the scaled layers now read
+        x = x[:: max(1, len(x) // 1024)]
+        for lin in lins:
+            if lin not in (attn.q_proj, attn.k_proj):
+                lin.weight.copy_(search_clip(x, lin.weight, ts))
+    return alphas
+
+
+@torch.no_grad()
 def awq_scale_model(model: nn.Module, scheme: Scheme | str, calib: Tensor, n_grid: int = 20,
                     max_rows: int = 4096, clip: bool = True) -> dict[str, float]:
     """In place: search and fold AWQ scales for every decoder layer (a float transform: outputs
@@ -96,23 +124,9 @@ def awq_scale_model(model: nn.Module, scheme: Scheme | str, calib: Tensor, n_gri
     xs = collect_inputs(model, probes, calib, max_rows)
     alphas = {}
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                  ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-                  ("down", mlp.up_proj, [mlp.down_proj])]
-        if attn.v_proj.out_features == attn.o_proj.in_features:  # no GQA: v -> o is foldable
-            groups.insert(1, ("o", attn.v_proj, [attn.o_proj]))
-        for key, prev, lins in groups:
-            s, alpha, _ = search_scales(xs[f"{i}.{key}"], [m.weight for m in lins], ts, n_grid)
-            migrate_scales(prev, lins, s.to(lins[0].weight.device))
+        xi = {k: xs[f"{i}.{k}"] for k in ("qkv", "o", "gate_up", "down")}
+        for key, alpha in awq_layer(layer, xi, ts, n_grid, clip).items():
             alphas[f"model.layers.{i}.{key}"] = alpha
-            if not clip:
-                continue
-            x = xs[f"{i}.{key}"] / s  # what the scaled layers now read
-            x = x[:: max(1, len(x) // 1024)]
-            for lin in lins:
-                if lin not in (attn.q_proj, attn.k_proj):
-                    lin.weight.copy_(search_clip(x, lin.weight, ts))
     return alphas
 
 
