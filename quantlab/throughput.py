@@ -341,7 +341,7 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if bandwidth is None and cuda:
-        from quantlab.bench import copy_bandwidth
+        from quantlab.kernels.bench import copy_bandwidth
 
         bandwidth = copy_bandwidth()
     dtype = torch.bfloat16  # on a CPU too: same model, slower numbers

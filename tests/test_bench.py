@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantlab.bench import MS, SHAPES, merge_runs, summarize
+from quantlab.kernels.bench import MS, SHAPES, merge_runs, summarize
 from quantlab.models import data_dir
 
 

@@ -23,7 +23,7 @@ FLOORS = [
     {"schemes"},
     {"quantize", "quantlab"},  # quantlab: the package's __init__ (formats, quantize, schemes)
     {"packing", "kernels"},
-    {"nn", "bench"},
+    {"nn"},
     {"algorithms", "kv"},
     {"eval"},  # eval.lm.layer_errors captures layer inputs (algorithms) through QuantLinear
     {"models", "report"},

@@ -4,7 +4,7 @@ Each entry says which schemes it serves (a predicate on the Scheme, so a custom 
 preset's exact weight and activation settings is served too; `schemes` lists the presets), how
 it packs a QuantizedTensor weight into plain tensors (what the module keeps, no float copy), its
 matmul (the Triton kernels, activation quantization included) and its plain-torch reference of
-the same function, and the `python -m quantlab.bench` kernels that benchmark it.
+the same function, and the `python -m quantlab.kernels.bench` kernels that benchmark it.
 
     entry = find(scheme)                  # None: no kernel, the layer stays on the reference path
     packed = entry.pack(qweight)          # {name: Tensor}
@@ -37,7 +37,7 @@ class KernelEntry:
     pack: Callable[[QuantizedTensor], dict[str, Tensor]]
     matmul: Callable[[Tensor, dict[str, Tensor], Scheme, Tensor | None], Tensor]
     reference: Callable[[Tensor, dict[str, Tensor], Scheme, Tensor | None], Tensor]
-    bench: tuple[str, ...]        # kernel names of quantlab.bench
+    bench: tuple[str, ...]        # kernel names of quantlab.kernels.bench
 
     def serves(self, scheme: Scheme) -> bool:
         """Same weight and activation settings as one of the presets listed."""

@@ -22,7 +22,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from quantlab.bench import copy_bandwidth
+from quantlab.kernels.bench import copy_bandwidth
 from quantlab.kv.attention import decode_attention, decode_attention_ref, sdpa_decode
 
 HQ, HKV, D = 32, 8, 128

@@ -14,7 +14,7 @@ panels, which need a kernel, are in quantlab.widgets.
     calibrated   chapter 4 (quantlab.studies.calibrated)
     fp8          chapter 5 (quantlab.studies.fp8)
     kv           chapter 7 (quantlab.studies.kv)
-    kernels      chapter 8 (quantlab.bench results)
+    kernels      chapter 8 (quantlab.kernels.bench results)
     deploy       chapters 9 and 10 (quantlab.studies.deploy)
 
 The functions of book, compare, formats, schemes, kv and kernels are re-exported here, as they

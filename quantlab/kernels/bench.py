@@ -1,6 +1,6 @@
 """Kernel benchmark: ours against the peers on Llama-3 linear shapes, with the roofline floor.
 
-    python -m quantlab.bench [--models 8b,70b] [--layers gate_up,...] [--M 1,4,16]
+    python -m quantlab.kernels.bench [--models 8b,70b] [--layers gate_up,...] [--M 1,4,16]
                              [--kernels w4a16,fp8,...] [--out PATH]
 
 Needs a CUDA GPU. For every (shape, M) it times, with triton.testing.do_bench (median; do_bench
@@ -276,8 +276,8 @@ def main(argv=None):
                                                       for p in a.merge]), indent=1) + "\n")
         return
     if not torch.cuda.is_available():
-        raise SystemExit("quantlab.bench needs a CUDA GPU; the kernels' correctness tests run on "
-                         "the CPU (pytest tests/test_kernels_*.py)")
+        raise SystemExit("quantlab.kernels.bench needs a CUDA GPU; the kernels' correctness "
+                         "tests run on the CPU (pytest tests/kernels)")
     import triton
 
     kernels = a.kernels.split(",")
