@@ -22,6 +22,7 @@ from torch import Tensor
 
 from quantlab.eval import sqnr_db
 from quantlab.quantize import QuantizedTensor, dequantize
+from quantlab.scales import GGUF_Q4_0
 
 # Trained LLM weights stay far below this; an inverted NVFP4 global scale gives ~7e6 / amax.
 PLAUSIBLE_WEIGHT_MAX = 1e3
@@ -67,7 +68,7 @@ def _check_scale_values(q: QuantizedTensor) -> list[str]:
     if bad:
         problems.append(f"{bad} of {s.numel()} scales are NaN or inf: those groups dequantize "
                         "to NaN; re-export from the original weights")
-    signed = q.scheme.scale_rule == "gguf_q4_0"
+    signed = q.scheme.scale_rule is GGUF_Q4_0  # Q4_0 stores a signed scale (llama.cpp)
     neg = 0 if signed else int((s < 0).sum())
     if neg:
         problems.append(f"{neg} of {s.numel()} scales are negative; scales of this format are "

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from quantlab.eval.metrics import sqnr_db
 from quantlab.formats import get_format
+from quantlab.granularity import Block
 from quantlab.nn import quantize_model
 from quantlab.quantize import dequantize, quantize
 from quantlab.schemes import Scheme, TensorScheme, get_scheme
@@ -74,7 +75,7 @@ def fp8_linear(x: Tensor, w: Tensor, scheme: str | Scheme, act_scale: Tensor | N
     qw = quantize(w, s.weights)
     x8, w8 = qx.codes.view(torch.float8_e4m3fn), qw.codes.view(torch.float8_e4m3fn)
     M, N = x.shape[0], w.shape[0]
-    if s.weights.granularity == "block":
+    if isinstance(s.weights.granularity, Block):
         bn, bk = s.weights.block
         if s.activations.group_size != bk or x.shape[1] % bk:
             raise ValueError(f"block scales need activation groups of {bk} = the weight block's "
@@ -127,7 +128,7 @@ def scaled_mm_calls(scheme: str | Scheme, K: int) -> int:
     """How many FP8 products (and fp32 rescales) fp8_linear runs for inner dimension K: one,
     or one per 128-deep slice of K when the scales change along K (blocks, groups)."""
     s = get_scheme(scheme)
-    return K // s.weights.block[1] if s.weights.granularity == "block" else 1
+    return K // s.weights.block[1] if isinstance(s.weights.granularity, Block) else 1
 
 
 # ---------------------------------------------------------------------------------------------
