@@ -5,7 +5,6 @@ Under the interpreter (no GPU) the model tests use one decoder layer and a few t
 sweep over every served scheme is marked slow. On a GPU they run as they are.
 """
 
-import os
 import warnings
 
 import pytest
@@ -21,8 +20,6 @@ from quantlab.nn import QuantLinear, bits_per_weight, quantize_model
 from quantlab.schemes import PRESETS
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-FAST = ("w4a16",)  # ~25 s under the interpreter (1 layer, 2 tokens); the rest run on a GPU
-ALL = not interpreted() or os.environ.get("QUANTLAB_INTERPRET_ALL") == "1"
 # as tests/kernels/test_kernels_*.py: the interpreter's dots round bf16 operands less exactly
 TOL = 1e-2 if interpreted() else 3e-3
 
@@ -112,16 +109,9 @@ def check_greedy(scheme: str, layers: int, steps: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", FAST)
+@pytest.mark.parametrize("scheme", served_schemes())
 def test_greedy_tokens_triton_equal_reference(scheme):
-    check_greedy(scheme, layers=1, steps=2)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ALL, reason="15-40 s per scheme in the interpreter: runs on a GPU, or "
-                    "set QUANTLAB_INTERPRET_ALL=1")
-@pytest.mark.parametrize("scheme", [s for s in served_schemes() if s not in FAST])
-def test_greedy_tokens_every_served_scheme(scheme):
+    """Every scheme a kernel serves (12-50 s each in the interpreter: 1 layer, 2 tokens)."""
     check_greedy(scheme, layers=1 if DEV == "cpu" else 6, steps=2 if DEV == "cpu" else 16)
 
 
