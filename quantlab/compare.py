@@ -47,10 +47,6 @@ ALGORITHMS = _algorithms()
 SAME_FLOAT_WEIGHTS = ("rtn", "gptq")
 
 
-def algorithm_names() -> list[str]:
-    return list(ALGORITHMS)
-
-
 def compare(model: nn.Module, tokenizer, eval_text: str, calib_text: str,
             schemes: list[str | Scheme], algorithms: list[str] = ("rtn",), seq_len: int = 256,
             eval_tokens: int = 8192, calib_tokens: int = 1024, kl_tokens: int = 2048,
