@@ -1,0 +1,17 @@
+"""ipywidgets panels for JupyterLab: controls that redraw plotly figures from a live kernel.
+
+The static book cannot run a kernel, so each chapter also shows the same idea as a plotly
+figure with its own slider or dropdown (quantlab.viz); these panels are the live versions.
+One module per chapter's panel; import them from here.
+
+    >>> from quantlab.widgets import bit_explorer
+    >>> panel = bit_explorer()          # displays in JupyterLab
+    >>> panel.children[0].value         # the format dropdown
+    'e4m3'
+"""
+
+from quantlab.widgets.choose import recommend_panel
+from quantlab.widgets.layer import quantize_panel, tensor_scheme
+from quantlab.widgets.numbers import BIT_FORMATS, bit_explorer
+
+__all__ = ["BIT_FORMATS", "bit_explorer", "quantize_panel", "recommend_panel", "tensor_scheme"]
