@@ -2,6 +2,7 @@
 #   make compare   install, then run the main job (quantlab compare) on the embedded model
 #   make test      install, lint, then run the whole test suite (what CI runs)
 #   make lint      ruff (the version pinned in requirements.lock)
+#   make test-gpu  the kernel tests compiled on a CUDA GPU, and the GPU-only tests
 #   make lab       JupyterLab on the chapters in notebooks/
 #   make book      build the Jupyter Book offline into book/_build/html
 #   make book-check  open every book page in headless Chromium (apt-get install chromium)
@@ -28,7 +29,7 @@ UV_VERSION ?= 0.13.9
 LOCK_TOOLS := $(VENV)/.lock-tools
 UV := $(LOCK_TOOLS)/bin/uv
 
-.PHONY: install compare test lint clean book book-check lab lock
+.PHONY: install compare test test-gpu lint clean book book-check lab lock
 
 install: $(STAMP)
 
@@ -101,6 +102,11 @@ test: $(STAMP) lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check quantlab tests scripts
+
+# On a machine with a CUDA GPU (and a CUDA torch: make install TORCH=...): every Triton kernel
+# test compiled, and the tests that need a GPU. Run it before any benchmark.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m "gpu or kernels" -p no:cacheprovider
 
 book: $(STAMP)
 	PYTHON=$(PY) scripts/build_book.sh

@@ -57,6 +57,7 @@ def test_cli_throughput_cpu(tmp_path, capsys):
     assert {"device", "torch", "triton", "date"} <= data.keys()
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 def test_quantized_cache_codes_and_kernel_decode(kv):
     """The static cache stores exactly the codec's codes and scales, and a decode step through

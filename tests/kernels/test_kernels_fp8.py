@@ -54,3 +54,39 @@ def test_bad_input_raises_with_advice():
         fp8_gemm.fp8_matmul(xq, xs, wq[:, :64].contiguous(), ws)
     with pytest.raises(ValueError, match="BLOCK_K = 128"):
         fp8_gemm.fp8_matmul(*operands("block"), config=(16, 32, 64, 4, 1, False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["tensor", "row", "block"])
+@pytest.mark.parametrize("M,K", [(64, 4096), (256, 14336), (256, 28672)])
+def test_long_k_error_equals_scaled_mm(kind, M, K):
+    """At M >= 64 Hopper runs wgmma, whose FP8 accumulation keeps fewer bits than fp32: without
+    promoting each 128-deep partial sum the error grew with K to 2-5x cuBLAS's. Against an fp64
+    product of the same quantized operands, ours must be within 1.2x of torch._scaled_mm's."""
+    from quantlab.kernels.bench import scaled_mm_peer
+
+    N = 1024
+    g = torch.Generator(device="cuda").manual_seed(K + M)
+    x = torch.randn(M, K, device="cuda", generator=g)
+    w = torch.randn(N, K, device="cuda", generator=g) * 0.02
+    if kind == "tensor":
+        xs, ws = x.abs().amax().reshape(1) / 448, w.abs().amax().reshape(1) / 448
+        xq, wq = (x / xs).to(fp8_gemm.FP8), (w / ws).to(fp8_gemm.FP8)
+    elif kind == "row":
+        xs, ws = x.abs().amax(1, keepdim=True) / 448, w.abs().amax(1, keepdim=True) / 448
+        xq, wq = (x / xs).to(fp8_gemm.FP8), (w / ws).to(fp8_gemm.FP8)
+    else:
+        xs = x.reshape(M, K // 128, 128).abs().amax(-1) / 448
+        wb = w.reshape(N // 128, 128, K // 128, 128)
+        ws = wb.abs().amax((1, 3)) / 448
+        xq = (x.reshape(M, K // 128, 128) / xs[..., None]).reshape(M, K).to(fp8_gemm.FP8)
+        wq = (wb / ws[:, None, :, None]).reshape(N, K).to(fp8_gemm.FP8)
+    xs, ws = xs.float().contiguous(), ws.float().contiguous()
+    truth = (xq.double() * fp8_gemm._expand(xs.double(), M, K, kind, 1)) @ \
+        (wq.double() * fp8_gemm._expand(ws.double(), N, K, kind, 128)).t()
+    ours = rel_err(fp8_gemm.fp8_matmul(xq, xs, wq, ws), truth)
+    try:
+        peer = rel_err(scaled_mm_peer(xq, xs, wq, ws, kind)(), truth)
+    except (RuntimeError, ImportError, KeyError, AttributeError):  # no cuBLAS blockwise here
+        peer = rel_err(fp8_gemm.fp8_matmul_ref(xq, xs, wq, ws), truth)
+    assert ours <= 1.2 * peer, (ours, peer)
