@@ -1,10 +1,77 @@
-"""Chapter 8 (kernels and throughput): kernel time against M per layer shape, and rooflines."""
+"""Chapter 8 (kernels and throughput): which GPU benchmark file to read, kernel time against M
+per layer shape, and rooflines (one layer shape and scheme, or a measured sweep)."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import plotly.graph_objects as go
 
 from quantlab.viz.book import COLORS, dropdown
+
+BENCH_KINDS = ("kernels", "kv", "e2e")
+
+
+@dataclass(frozen=True)
+class BenchFile:
+    """One data/bench/<kind>-*.json measured on a GPU: its path, device, date and contents."""
+
+    path: Path
+    device: str
+    date: str
+    data: dict
+    note: str = ""  # set when the file is not the GPU that was asked for
+
+    def describe(self) -> str:
+        """'kernels-nvidia-h200.json: NVIDIA H200, 2026-11-23' (plus the note, if any)."""
+        return f"{self.path.name}: {self.device}, {self.date}" + (f" ({self.note})"
+                                                                   if self.note else "")
+
+
+def bench_files(kind: str, bench_dir: Path | None = None) -> list[BenchFile]:
+    """Every <kind>-*.json in bench_dir (default data/bench) with a device and a date (in its
+    "header", or at its top level), newest first: by date, then by name (later name first).
+    Files without a device, such as the CPU accuracy study kv-accuracy-*.json, are skipped."""
+    if kind not in BENCH_KINDS:
+        raise ValueError(f"kind={kind!r}: pick one of {BENCH_KINDS}")
+    if bench_dir is None:
+        from quantlab.models import data_dir
+
+        bench_dir = data_dir() / "bench"
+    found = []
+    for path in sorted(Path(bench_dir).glob(f"{kind}-*.json")):
+        data = json.loads(path.read_text())
+        head = data.get("header", data)
+        if head.get("device") and head.get("date"):
+            found.append(BenchFile(path, head["device"], str(head["date"]), data))
+    return sorted(found, key=lambda b: (b.date, b.path.name), reverse=True)
+
+
+def read_bench(kind: str, gpu: str | None = None, strict: bool = True,
+               bench_dir: Path | None = None) -> BenchFile:
+    """The newest <kind>-*.json (gpu None), or the newest whose device name contains `gpu`
+    (case-insensitive: "H100", "h200"). With no such file: strict raises, listing the files
+    there are; strict=False reads the newest of any GPU and says so in BenchFile.note."""
+    files = bench_files(kind, bench_dir)
+    if not files:
+        raise ValueError(f"no {kind}-*.json with a device and a date in "
+                         f"{bench_dir or 'data/bench'}: run the benchmark on a GPU first "
+                         "(README, 'GPU numbers')")
+    if gpu is None:
+        return files[0]
+    match = [b for b in files if gpu.lower() in b.device.lower()]
+    if match:
+        return match[0]
+    listing = "; ".join(b.describe() for b in files)
+    if strict:
+        raise ValueError(f"no {kind}-*.json measured on a GPU named like {gpu!r}; there are: "
+                         f"{listing}. Set GPU = None for the newest, or to part of one of "
+                         "those device names")
+    b = files[0]
+    return BenchFile(b.path, b.device, b.date, b.data,
+                     note=f"no {kind} file for {gpu!r}, so the newest one")
 
 
 def kernel_shapes_figure(bench: dict, kernels: dict, floor_of: str | None = None,
@@ -94,4 +161,89 @@ def decode_throughput_figure(e2e: dict, model: str = "8b", kv: str = "bf16",
                       xaxis_tickvals=sorted({r["batch"] for r in rows}),
                       xaxis_title="batch (sequences decoded together, log)",
                       yaxis_title="tokens/s (log)")
+    return fig
+
+
+@dataclass(frozen=True)
+class RooflineScheme:
+    """How one scheme's matmul moves bytes, as quantlab.kernels.bench counts them: weight bits
+    per element with block scales, bytes per output row (per-channel scales), bytes per input
+    activation element (bf16 2, fp8 1, plus an fp32 scale per token), the header key of the
+    tensor-core rate its matmul runs at, and the bench kernel that runs it."""
+
+    bits: float
+    row_bytes: int
+    act_bytes: int
+    rate: str
+    kernel: str
+
+    def bytes_moved(self, M: int, N: int, K: int) -> float:
+        """Weight, activations in and bf16 outputs out, each once: the byte floor's numerator."""
+        token_scale = 4 * M if self.act_bytes == 1 else 0
+        return (self.bits * N * K / 8 + self.row_bytes * N + self.act_bytes * M * K
+                + token_scale + 2 * M * N)
+
+
+# The schemes quantlab's kernels serve, as kernels/bench.py times them (a16: bf16 activations).
+ROOFLINE_SCHEMES = {
+    "bf16": RooflineScheme(16, 0, 2, "bf16_tflops", "cublas_bf16"),
+    "w4a16 (int4, fp16 scale per 128)": RooflineScheme(4 + 16 / 128, 0, 2, "bf16_tflops",
+                                                       "ours_w4a16"),
+    "mxfp4_a16 (E8M0 scale per 32)": RooflineScheme(4 + 8 / 32, 0, 2, "bf16_tflops",
+                                                    "ours_mxfp4"),
+    "nvfp4_a16 (E4M3 scale per 16)": RooflineScheme(4 + 8 / 16, 0, 2, "bf16_tflops",
+                                                    "ours_nvfp4"),
+    "fp8 W8A8 (per row x per token)": RooflineScheme(8, 4, 1, "fp8_tflops", "ours_fp8_row"),
+}
+
+
+def roofline_point(bench: dict, scheme: str, M: int, N: int, K: int) -> dict:
+    """bench: a data/bench/kernels-*.json (its header's copy bandwidth, GB/s, and matmul rates,
+    TFLOP/s). For an (M, K) x (K, N) matmul of `scheme` (a ROOFLINE_SCHEMES key): arithmetic
+    intensity (FLOP per byte moved), the byte floor and the compute floor (ms), which one binds,
+    the ridge M where they cross (a float; None if they never do), and the measured row of that
+    shape and M if the file has it (else None)."""
+    if scheme not in ROOFLINE_SCHEMES:
+        raise ValueError(f"scheme={scheme!r}: pick one of {list(ROOFLINE_SCHEMES)}")
+    if min(M, N, K) < 1:
+        raise ValueError(f"M={M}, N={N}, K={K}: each must be >= 1")
+    s, h = ROOFLINE_SCHEMES[scheme], bench["header"]
+    bw, rate = h["bandwidth"] * 1e9, h[s.rate] * 1e12
+    nbytes, flops = s.bytes_moved(M, N, K), 2 * M * N * K
+    # bytes = fixed (weights) + per-token (activations in, outputs out), both linear in M, as
+    # are the flops: the floors cross where 2MNK / rate = bytes / bw (none if a token's bytes
+    # alone take longer than its flops, as for a tiny layer).
+    fixed = s.bytes_moved(0, N, K)
+    per_m = s.bytes_moved(1, N, K) - fixed
+    gap = 2 * N * K / rate - per_m / bw
+    ridge = fixed / bw / gap if gap > 0 else None
+    measured = next((r for r in bench["rows"] if r["kernel"] == s.kernel and "ms" in r
+                     and (r["M"], r["N"], r["K"]) == (M, N, K)), None)
+    memory_ms, compute_ms = nbytes / bw * 1e3, flops / rate * 1e3
+    return {"intensity": flops / nbytes, "memory_ms": memory_ms, "compute_ms": compute_ms,
+            "bound": "memory" if memory_ms >= compute_ms else "compute", "ridge_M": ridge,
+            "measured": measured}
+
+
+def layer_roofline_figure(bench: dict, scheme: str, N: int, K: int, M: int,
+                          Ms: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096)) -> go.Figure:
+    """Time (ms, log) against M (log) for one (N, K) layer of `scheme` on bench's GPU: the byte
+    floor, the compute floor, the measured kernel where the file has this shape, and a star at
+    the chosen M."""
+    Ms = sorted(set(Ms) | {M})
+    pts = {m: roofline_point(bench, scheme, m, N, K) for m in Ms}
+    series = {"byte floor": [pts[m]["memory_ms"] for m in Ms],
+              "compute floor": [pts[m]["compute_ms"] for m in Ms]}
+    fig = roofline_figure(Ms, series, "")
+    meas = [(m, p["measured"]["ms"]) for m, p in pts.items() if p["measured"]]
+    if meas:
+        name = f"measured: {ROOFLINE_SCHEMES[scheme].kernel}"
+        fig.add_trace(go.Scatter(x=[m for m, _ in meas], y=[t for _, t in meas],
+                                 mode="lines+markers", name=name, line=dict(color=COLORS[2])))
+    p = pts[M]
+    fig.add_trace(go.Scatter(x=[M], y=[max(p["memory_ms"], p["compute_ms"])], mode="markers",
+                             name=f"M = {M}: {p['bound']}-bound",
+                             marker=dict(symbol="star", size=16, color=COLORS[3])))
+    h = bench["header"]
+    fig.update_layout(title=f"{scheme}, N={N}, K={K} on {h['device']} ({h['date']})")
     return fig

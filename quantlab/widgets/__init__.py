@@ -11,7 +11,9 @@ One module per chapter's panel; import them from here.
 """
 
 from quantlab.widgets.choose import recommend_panel
+from quantlab.widgets.kernels import roofline_panel
 from quantlab.widgets.layer import quantize_panel, tensor_scheme
 from quantlab.widgets.numbers import BIT_FORMATS, bit_explorer
 
-__all__ = ["BIT_FORMATS", "bit_explorer", "quantize_panel", "recommend_panel", "tensor_scheme"]
+__all__ = ["BIT_FORMATS", "bit_explorer", "quantize_panel", "recommend_panel", "roofline_panel",
+           "tensor_scheme"]

@@ -1,0 +1,76 @@
+"""Chapter 8's roofline panel and the bench-file helpers behind chapters 7 and 8."""
+
+import json
+
+import pytest
+
+from quantlab.viz.kernels import ROOFLINE_SCHEMES, bench_files, read_bench, roofline_point
+
+
+def _bench(tmp_path, name, device, date, rows=(), top_level=False):
+    head = {"device": device, "date": date, "bandwidth": 3000.0, "bf16_tflops": 700.0,
+            "fp8_tflops": 1400.0}
+    data = {**head, "rows": list(rows)} if top_level else {"header": head, "rows": list(rows)}
+    (tmp_path / name).write_text(json.dumps(data))
+
+
+def test_read_bench_picks_newest_or_named_gpu_and_says_which(tmp_path):
+    _bench(tmp_path, "kernels-a100.json", "NVIDIA A100", "2026-01-02")
+    _bench(tmp_path, "kernels-h100.json", "NVIDIA H100 80GB HBM3", "2026-03-01")
+    _bench(tmp_path, "e2e-h200.json", "NVIDIA H200", "2026-02-01", top_level=True)
+    (tmp_path / "kv-accuracy-x.json").write_text(json.dumps({"setup": {}, "codecs": []}))
+    assert [b.path.name for b in bench_files("kernels", tmp_path)] == [
+        "kernels-h100.json", "kernels-a100.json"]
+    assert bench_files("kv", tmp_path) == []  # a CPU study has no device: skipped
+    assert read_bench("kernels", None, bench_dir=tmp_path).device == "NVIDIA H100 80GB HBM3"
+    assert read_bench("kernels", "a100", bench_dir=tmp_path).describe() == (
+        "kernels-a100.json: NVIDIA A100, 2026-01-02")
+    assert read_bench("e2e", bench_dir=tmp_path).date == "2026-02-01"  # header at top level
+    with pytest.raises(ValueError, match="kernels-h100.json: NVIDIA H100"):
+        read_bench("kernels", "B200", bench_dir=tmp_path)
+    loose = read_bench("kernels", "B200", strict=False, bench_dir=tmp_path)
+    assert loose.path.name == "kernels-h100.json" and "B200" in loose.describe()
+    with pytest.raises(ValueError, match="pick one of"):
+        bench_files("kernel", tmp_path)
+    with pytest.raises(ValueError, match="run the benchmark on a GPU"):
+        read_bench("kv", bench_dir=tmp_path)
+
+
+def test_roofline_point_floors_ridge_and_measured_row():
+    bench = {"header": {"device": "GPU", "date": "d", "bandwidth": 1000.0, "bf16_tflops": 100.0,
+                        "fp8_tflops": 200.0},
+             "rows": [{"kernel": "cublas_bf16", "M": 1, "N": 4096, "K": 4096, "ms": 0.05}]}
+    p = roofline_point(bench, "bf16", 1, 4096, 4096)
+    nbytes = 2 * 4096 * 4096 + 2 * 4096 + 2 * 4096
+    assert p["memory_ms"] == pytest.approx(nbytes / 1e12 * 1e3)
+    assert p["intensity"] == pytest.approx(2 * 4096 * 4096 / nbytes)
+    assert p["bound"] == "memory" and p["measured"]["ms"] == 0.05
+    ridge = p["ridge_M"]  # the floors cross there, and the bound flips
+    at = roofline_point(bench, "bf16", round(ridge), 4096, 4096)
+    assert at["memory_ms"] == pytest.approx(at["compute_ms"], rel=0.01)
+    assert roofline_point(bench, "bf16", 4 * round(ridge), 4096, 4096)["bound"] == "compute"
+    w4 = "w4a16 (int4, fp16 scale per 128)"
+    assert roofline_point(bench, w4, 1, 4096, 4096)["ridge_M"] < ridge / 3  # 4x fewer bytes
+    assert roofline_point(bench, w4, 1, 4096, 4096)["measured"] is None
+    with pytest.raises(ValueError, match="pick one of"):
+        roofline_point(bench, "int3", 1, 64, 64)
+    assert set(ROOFLINE_SCHEMES) >= {"bf16", w4}
+
+
+def test_roofline_panel_redraws():
+    from quantlab.widgets import roofline_panel
+
+    bench = read_bench("kernels").data
+    panel = roofline_panel(bench)
+    (shape, scheme), (n, k, m) = panel.children[0].children, panel.children[1].children
+    text, out = panel.children[2], panel.children[3]
+    shape.value = "8b gate_up"
+    assert (n.value, k.value) == (28672, 4096)
+    scheme.value, m.value = "bf16", 1
+    before, fig_before = text.value, out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert "memory-bound" in before and "measured (cublas_bf16)" in before
+    m.value = 4096
+    assert "compute-bound" in text.value and text.value != before
+    assert out.outputs[0]["data"]["application/vnd.plotly.v1+json"] != fig_before
+    n.value = 1000  # a shape the file does not have
+    assert "not measured" in text.value
