@@ -11,9 +11,14 @@ One module per chapter's panel; import them from here.
 """
 
 from quantlab.widgets.choose import recommend_panel
+from quantlab.widgets.fp4 import FP4_FLAVOURS, fp4_panel, fp4_scheme
+from quantlab.widgets.fp8 import static_scale_panel
+from quantlab.widgets.gptq import gptq_panel
 from quantlab.widgets.kernels import roofline_panel
+from quantlab.widgets.kv import kv_panel
 from quantlab.widgets.layer import quantize_panel, tensor_scheme
 from quantlab.widgets.numbers import BIT_FORMATS, bit_explorer
 
-__all__ = ["BIT_FORMATS", "bit_explorer", "quantize_panel", "recommend_panel", "roofline_panel",
+__all__ = ["BIT_FORMATS", "FP4_FLAVOURS", "bit_explorer", "fp4_panel", "fp4_scheme", "gptq_panel",
+           "kv_panel", "quantize_panel", "recommend_panel", "roofline_panel", "static_scale_panel",
            "tensor_scheme"]
