@@ -17,15 +17,36 @@ def _positive_values(name: str) -> torch.Tensor:
     return g[g > 0]
 
 
+def _tick_label(v: float, base: float) -> str:
+    if 1e-3 <= v < 1e5:
+        return f"{v:g}"
+    return f"{base:g}<sup>{round(math.log(v, base))}</sup>"
+
+
+def log_axis(lo: float, hi: float, max_ticks: int = 12) -> dict:
+    """Layout for a log axis covering [lo, hi] (both > 0) with labels on clean values only:
+    powers of two when the range spans under two decades (E2M1's 0.5 .. 6: 0.5, 1, 2, 4),
+    powers of ten otherwise. Plotly's own labels on a short log axis include the minor digits
+    (5 6 7 8 9 1 2 ...), which read as values."""
+    if not 0 < lo <= hi:
+        raise ValueError(f"log_axis needs 0 < lo <= hi, got lo={lo}, hi={hi}")
+    base = 2.0 if hi / lo < 100 else 10.0
+    k0, k1 = math.floor(math.log(lo, base) + 1e-9), math.ceil(math.log(hi, base) - 1e-9)
+    step = max(1, math.ceil((k1 - k0 + 1) / max_ticks))
+    vals = [base**k for k in range(k0 // step * step, k1 + 1, step)]
+    return dict(type="log", tickvals=vals, ticktext=[_tick_label(v, base) for v in vals])
+
+
 def value_grid_figure(names: list[str]) -> go.Figure:
     """Every positive value of each format on a log axis, one row per format. A dropdown
     switches between absolute values and values scaled so each format's max is 1 (what a
     scale that maps a block's amax to the top code gives)."""
-    fig = go.Figure()
+    fig, lo, hi = go.Figure(), math.inf, 0.0
     for scaled in (False, True):
         for i, name in enumerate(names):
             v = _positive_values(name)
             x = (v / v.max()) if scaled else v
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
             fig.add_trace(go.Scatter(
                 x=x.tolist(), y=[name] * len(v), mode="markers", visible=not scaled,
                 marker=dict(symbol="line-ns-open", size=14, color=COLORS[i % 10]),
@@ -39,7 +60,7 @@ def value_grid_figure(names: list[str]) -> go.Figure:
                                        ("scaled to max = 1", True, "value / max (log scale)"))]
     fig.update_layout(
         title="Where each format puts its positive values", template="plotly_white",
-        height=120 + 45 * n, xaxis_type="log", xaxis_title="value (log scale)",
+        height=120 + 45 * n, xaxis=log_axis(lo, hi), xaxis_title="value (log scale)",
         yaxis=dict(autorange="reversed"), margin=dict(l=80),
         updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.15, yanchor="bottom")])
     return fig
@@ -48,16 +69,19 @@ def value_grid_figure(names: list[str]) -> go.Figure:
 def relative_step_figure(names: list[str]) -> go.Figure:
     """Gap to the next value divided by the value (the relative rounding step, 2x the worst
     relative rounding error) against value / max, log-log, one line per format."""
-    fig = go.Figure()
+    fig, xs, ys = go.Figure(), [], []
     for i, name in enumerate(names):
         v = _positive_values(name)
         rel = (v[1:] - v[:-1]) / v[:-1]
+        xs, ys = xs + [v[0] / v.max(), v[-2] / v.max()], ys + [rel.min(), rel.max()]
         fig.add_trace(go.Scatter(
             x=(v[:-1] / v.max()).tolist(), y=rel.tolist(), mode="lines+markers", name=name,
             line=dict(shape="hv", color=COLORS[i % 10]), marker=dict(size=4),
             hovertemplate=name + ": step/value %{y:.4g} at value/max %{x:.4g}<extra></extra>"))
     fig.update_layout(title="Relative step (gap to the next value / value)",
-                      template="plotly_white", height=460, xaxis_type="log", yaxis_type="log",
+                      template="plotly_white", height=460,
+                      xaxis=log_axis(float(min(xs)), float(max(xs))),
+                      yaxis=log_axis(float(min(ys)), float(max(ys))),
                       xaxis_title="value / max (log)", yaxis_title="relative step (log)")
     return fig
 
@@ -138,6 +162,7 @@ def bit_explorer_figure(name: str = "e4m3") -> go.Figure:
                       font=dict(color="rgba(0,0,0,0)"), ticklen=0, minorticklen=0)])
     fig.update_xaxes(visible=False, row=1, col=1)
     fig.update_yaxes(visible=False, row=1, col=1)
-    fig.update_xaxes(type="log", title_text="|value| (log scale)", row=2, col=1)
+    fig.update_xaxes(title_text="|value| (log scale)", row=2, col=1,
+                     **log_axis(float(pos.min()), float(pos.max())))
     fig.update_yaxes(visible=False, row=2, col=1)
     return fig

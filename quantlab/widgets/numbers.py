@@ -8,7 +8,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from quantlab.formats import get_format
-from quantlab.viz.formats import _field_row, explain_code
+from quantlab.viz.formats import _field_row, explain_code, log_axis
 from quantlab.widgets._common import _show
 
 BIT_FORMATS = ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1", "int8", "int4", "nf4")
@@ -36,7 +36,8 @@ def _number_line(name: str, code: int) -> go.Figure:
         fig.add_trace(go.Scatter(x=[abs(v)], y=[0], mode="markers", showlegend=False,
                                  marker=dict(symbol="star", size=18, color="#d62728")))
     fig.update_layout(template="plotly_white", height=180, margin=dict(t=20, b=40),
-                      xaxis=dict(type="log", title="|value| (log scale)"),
+                      xaxis=dict(log_axis(float(pos.min()), float(pos.max())),
+                                 title="|value| (log scale)"),
                       yaxis=dict(visible=False))
     return fig
 
