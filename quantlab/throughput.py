@@ -127,12 +127,105 @@ def _decode_attention(q: Tensor, cache: StaticCache, i: int, lens: Tensor, scale
     return out.to(q.dtype)
 
 
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Merge each layer's q, k, v projections into one `qkv_proj` and gate, up into one
+    `gate_up_proj` (nn.Linear, weights concatenated along the outputs), as vLLM serves Llama
+    (QKVParallelLinear, MergedColumnParallelLinear): two matmuls fewer per layer, and wider ones.
+    Call before quantize_model: a scheme with one scale per tensor (fp8_per_tensor, NVFP4's
+    global scale) then shares one scale over the merged weight, as vLLM's loader does when it
+    merges per-tensor scales (it keeps their max). In place; returns model."""
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        if hasattr(a, "qkv_proj"):
+            continue
+        for owner, names, fused in ((a, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                    (m, ("gate_proj", "up_proj"), "gate_up_proj")):
+            parts = [getattr(owner, n) for n in names]
+            if not all(type(p) is nn.Linear for p in parts):
+                raise TypeError(f"fuse_projections needs nn.Linear {names} (fuse before "
+                                f"quantize_model), got {[type(p).__name__ for p in parts]}")
+            w = parts[0].weight
+            lin = nn.Linear(w.shape[1], sum(p.out_features for p in parts),
+                            bias=parts[0].bias is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(torch.cat([p.weight for p in parts]))
+                if lin.bias is not None:
+                    lin.bias.copy_(torch.cat([p.bias for p in parts]))
+            setattr(owner, fused, lin)
+            owner.split_sizes = [p.out_features for p in parts]
+            for n in names:
+                delattr(owner, n)
+    return model
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm's arithmetic exactly: in float32, scaled by w after rounding back."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _add_rms(h: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add and the next norm: (h + r, rms(h + r))."""
+    h = h + r
+    return h, _rms(h, w, eps)
+
+
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb (Llama): x cos + rotate_half(x) sin, cos and sin
+    (B, T, D) broadcast over the heads of q, k (B, H, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x):
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((-x2, x1), -1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def _silu_mul(gu: Tensor) -> Tensor:
+    g, u = gu.chunk(2, -1)
+    return F.silu(g) * u
+
+
+_PIECES = {"rms": _rms, "add_rms": _add_rms, "rope": _rope, "silu_mul": _silu_mul}
+_COMPILED: dict[str, object] = {}
+
+
+def _piece(name: str, x: Tensor):
+    """The elementwise pieces between the matmuls, each one fused kernel through torch.compile on
+    a GPU (a few launches per layer instead of ~50 small ones); plain torch on a CPU, where the
+    same arithmetic runs eagerly."""
+    if not x.is_cuda:
+        return _PIECES[name]
+    if name not in _COMPILED:
+        import torch._dynamo.config as dc
+
+        # one compiled kernel per shape (batch sizes, prefill): more than Dynamo's default 8
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dc, knob):
+                setattr(dc, knob, max(getattr(dc, knob), 256))
+        _COMPILED[name] = torch.compile(_PIECES[name], dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _qkv(a: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if hasattr(a, "qkv_proj"):
+        return a.qkv_proj(x).split(a.split_sizes, -1)
+    return a.q_proj(x), a.k_proj(x), a.v_proj(x)
+
+
+def _mlp(m: nn.Module, x: Tensor) -> Tensor:
+    if hasattr(m, "gate_up_proj"):
+        return m.down_proj(_piece("silu_mul", x)(m.gate_up_proj(x)))
+    return m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))
+
+
 def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> Tensor:
     """ids (B, T) at positions pos (T,) long -> logits (B, V) of the last position, float32.
     Writes the T positions' keys and values into cache; attends to positions <= each one.
-    Decode steps (T = 1) over an int8 / fp8 cache go through the decode-attention kernel."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+    Decode steps (T = 1) over an int8 / fp8 cache go through the decode-attention kernel.
+    Projections merged by fuse_projections are used when present; the norms, rotary, residual
+    adds and SiLU x up run as fused pieces (_piece) with LlamaRMSNorm's arithmetic."""
     B, T = ids.shape
     h = model.model.embed_tokens(ids)
     cos, sin = model.model.rotary_emb(h, pos[None])
@@ -140,28 +233,39 @@ def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> T
     mask = pos[:, None] >= torch.arange(L, device=ids.device)[None]          # (T, L)
     kernel = cache.ks is not None and T == 1
     lens = (pos[-1:] + 1).to(torch.int32).repeat(B) if kernel else None
+    rms, add_rms, rope = (_piece(n, h) for n in ("rms", "add_rms", "rope"))
+    masks = {}  # by query heads per KV head
+    res = None  # the previous layer's MLP output, added with the next norm
     for i, layer in enumerate(model.model.layers):
-        a = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = a.q_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)          # (B, H, T, D)
-        k = a.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)          # (B, Hkv, T, D)
-        v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        a, ln = layer.self_attn, layer.input_layernorm
+        if res is None:
+            x = rms(h, ln.weight, ln.variance_epsilon)
+        else:
+            h, x = add_rms(h, res, ln.weight, ln.variance_epsilon)
+        q, k, v = _qkv(a, x)
+        q = q.view(B, T, -1, a.head_dim).transpose(1, 2)                     # (B, H, T, D)
+        k = k.view(B, T, -1, a.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
+        v = v.view(B, T, -1, a.head_dim).transpose(1, 2)
+        q, k = rope(q, k, cos, sin)
         cache.write(i, pos, k, v)
         if kernel:
             o = _decode_attention(q[:, :, 0].contiguous(), cache, i, lens, a.scaling)
-            h = h + a.o_proj(o.reshape(B, 1, -1))
+            o = o.reshape(B, 1, -1)
         else:
             hkv = k.shape[1]
             g = q.shape[1] // hkv  # query heads per KV head, folded into the query length
+            if g not in masks:
+                masks[g] = mask.repeat(g, 1)
             qg = q.reshape(B, hkv, g * T, a.head_dim)
             kc, vc = cache.read(i, q.dtype)
-            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask.repeat(g, 1),
-                                               scale=a.scaling)
+            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=masks[g], scale=a.scaling)
             o = o.reshape(B, -1, T, a.head_dim).transpose(1, 2).reshape(B, T, -1)
-            h = h + a.o_proj(o)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(model.model.norm(h[:, -1])).float()
+        pn = layer.post_attention_layernorm
+        h, x = add_rms(h, a.o_proj(o), pn.weight, pn.variance_epsilon)
+        res = _mlp(layer.mlp, x)
+    h = h + res
+    n = model.model.norm
+    return model.lm_head(rms(h[:, -1], n.weight, n.variance_epsilon)).float()
 
 
 @torch.no_grad()
@@ -319,6 +423,7 @@ class Row:
     device: str
     bandwidth_gbs: float | None  # measured copy bandwidth the floor divides by
     graphed: bool              # decode step replayed from a CUDA graph
+    fused: bool = False        # q/k/v and gate/up merged (fuse_projections)
 
 
 @torch.no_grad()
@@ -326,10 +431,12 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
                batches: tuple[int, ...] = BATCHES, context: int = 512, prompt: int = 512,
                steps: int = 20, layers: int | None = None, backend: str = "auto",
                device: str | None = None, bandwidth: float | None = None,
-               log=print, json_path=None, kvs: tuple[str, ...] = ("bf16",)) -> list[Row]:
+               log=print, json_path=None, kvs: tuple[str, ...] = ("bf16",),
+               fuse: bool = True) -> list[Row]:
     """Rows for each scheme ("bf16" = unquantized), KV dtype (kvs: "bf16", "int8", "fp8") and
     batch; see the module doc. json_path: rewritten after every row, so a run cut short keeps
-    what it measured. The prefill row is measured with a bf16 cache."""
+    what it measured. The prefill row is measured with a bf16 cache. fuse: merge the q/k/v and
+    gate/up projections first (fuse_projections), as vLLM does."""
     from quantlab.nn import QuantLinear, quantize_model
     from quantlab.schemes import get_scheme
 
@@ -346,6 +453,8 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
         bandwidth = copy_bandwidth()
     dtype = torch.bfloat16  # on a CPU too: same model, slower numbers
     base = build_model(model_name, layers, device, dtype)
+    if fuse:
+        fuse_projections(base)
     n_model = base.full_layers
     n_run = len(base.model.layers)
     scale = n_model / n_run
@@ -365,7 +474,7 @@ def throughput(model_name: str = "stdlib", schemes: tuple[str, ...] = ("bf16", "
         common = dict(model=model_name, scheme=scheme,
                       weight_gb=wbytes / 1e9, layers_run=n_run, scaled=n_run != n_model,
                       backend="+".join(backends) or "torch", device=_device_name(dev),
-                      bandwidth_gbs=bandwidth / 1e9 if bandwidth else None)
+                      bandwidth_gbs=bandwidth / 1e9 if bandwidth else None, fused=fuse)
         for kv_name in kvs:
             kv_tok = StaticCache.empty(model, 1, 1, dtype, kv_name).nbytes_per_token * scale
             for b in batches:
@@ -469,6 +578,8 @@ def add_parser(sub) -> None:
     t.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     t.add_argument("--kv", default="bf16", help="comma-separated KV cache dtypes: bf16, int8, "
                    "fp8 (per token-head scales; decode steps through the decode-attention kernel)")
+    t.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep q, k, v and gate, up as separate matmuls (default: merged, as vLLM)")
     t.add_argument("--json", help="write {device, torch, triton, date, rows} to this file")
     t.set_defaults(func=cmd_throughput)
 
@@ -478,7 +589,7 @@ def cmd_throughput(args) -> int:
                       tuple(int(b) for b in args.batches.split(",")), args.context, args.prompt,
                       args.steps, args.layers, args.backend,
                       log=lambda m: print(m, file=sys.stderr, flush=True), json_path=args.json,
-                      kvs=tuple(args.kv.split(",")))
+                      kvs=tuple(args.kv.split(",")), fuse=args.fuse)
     if rows and rows[0].device == "cpu":
         print("CPU numbers (no CUDA GPU here): the reference backend, eager, bf16 on the CPU; "
               "not what a GPU does")

@@ -88,3 +88,27 @@ def test_quantized_cache_codes_and_kernel_decode(kv):
             logits[name] = forward(model, cache, prompt[:, -1:], torch.tensor([6], device=dev))
     err = (logits[kv] - logits["bf16"]).norm() / logits["bf16"].norm()
     assert err < 0.03, err
+
+
+def test_fused_projections_are_the_same_model():
+    """fuse_projections merges q/k/v and gate/up (as vLLM): same greedy tokens; a group-wise
+    scheme quantizes the merged weight exactly as the parts (scales are per output row)."""
+    import copy
+
+    from quantlab.nn import quantize_model
+    from quantlab.throughput import fuse_projections
+
+    model = build_model("stdlib", layers=2, device="cpu", dtype=torch.float32)
+    fused = fuse_projections(copy.deepcopy(model))
+    a = fused.model.layers[0].self_attn
+    assert not hasattr(a, "q_proj") and a.split_sizes == [256, 128, 128]
+    prompt = (torch.arange(1, 17) * 131 % 4096).reshape(2, 8)
+    assert torch.equal(generate(model, prompt, 4), generate(fused, prompt, 4))
+    q = quantize_model(copy.deepcopy(model), "w4a16")
+    qf = quantize_model(fuse_projections(copy.deepcopy(model)), "w4a16")
+    parts = [q.model.layers[1].mlp.gate_proj, q.model.layers[1].mlp.up_proj]
+    merged = qf.model.layers[1].mlp.gate_up_proj
+    assert torch.equal(merged.qweight.dequantize(),
+                       torch.cat([p.qweight.dequantize() for p in parts]))
+    with pytest.raises(TypeError, match="fuse before quantize_model"):
+        fuse_projections(q)
