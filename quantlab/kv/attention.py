@@ -71,7 +71,7 @@ if triton is not None:
             valid = offs_n < end
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :],
                         mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(tl.float32).to(DOT)))  # (GP, BLOCK_N) fp32
+            s = tl.dot(q, tl.trans(k.to(DOT)))  # (GP, BLOCK_N) fp32; codes exact in bf16
             if HAS_SCALE:
                 s = s * tl.load(KS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
             s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
@@ -83,7 +83,7 @@ if triton is not None:
                         mask=valid[:, None], other=0.0)
             if HAS_SCALE:
                 p = p * tl.load(VS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(tl.float32).to(DOT))
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             m_i = m_new
         row = (b * HKV * G + h * G + offs_g) * N_SPLITS + pid_s  # (B, Hq, S) flat index
         gm = offs_g < G

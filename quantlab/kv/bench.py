@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,12 +73,63 @@ def check(kind: str) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+def _launch(q, k, v, ks, vs, **settings):
+    return decode_attention(q, k, v, ks, vs, **settings)
+
+
+TUNE_SHAPES = ((1, 8192), (1, 32768), (4, 32768), (16, 32768), (16, 8192))
+TUNE_CONFIGS = tuple((bn, w, st, per_sm) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+                     for per_sm in (4, 8, 16))
+
+
+def tune(out: Path) -> None:
+    """Every (block_n, num_warps, num_stages, splits per SM) on a few decode shapes, per cache
+    kind, against SDPA: what the kernel's defaults are chosen from. Rows to `out` (JSON)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bw = copy_bandwidth()
+    rows = []
+    for B, T in TUNE_SHAPES:
+        for kind in ("int8", "fp8", "bf16"):
+            one = make_cache(kind, B, T)
+            n_sets = max(1, min(64, math.ceil(256e6 / nbytes(*one))))
+            sets = [one] + [make_cache(kind, B, T) for _ in range(n_sets - 1)]
+            floor_ms = (nbytes(*one) + nbytes(one[0])) / bw * 1e3
+            if kind == "bf16":
+                ms = time_over_copies(lambda q, k, v, ks, vs: sdpa_decode(q, k, v), sets)
+                rows.append({"impl": "sdpa_bf16", "batch": B, "context": T, "ms": ms,
+                             "floor_frac": floor_ms / ms})
+            for bn, w, st, per_sm in TUNE_CONFIGS:
+                splits = max(1, min(-(-per_sm * sms // (B * HKV)), T // bn, 256))
+                try:
+                    ms = time_over_copies(partial(_launch, block_n=bn, num_warps=w,
+                                                  num_stages=st, n_splits=splits), sets)
+                except Exception as e:  # a config that does not compile (shared memory)
+                    print(f"{kind} B={B} T={T} {bn, w, st, per_sm}: {type(e).__name__}")
+                    continue
+                rows.append({"impl": f"triton_{kind}", "batch": B, "context": T, "ms": ms,
+                             "block_n": bn, "num_warps": w, "num_stages": st,
+                             "splits_per_sm": per_sm, "n_splits": splits,
+                             "floor_frac": floor_ms / ms})
+            best = min((r for r in rows if r["impl"] == f"triton_{kind}" and r["batch"] == B
+                        and r["context"] == T), key=lambda r: r["ms"])
+            print(json.dumps(best), flush=True)
+            del sets, one
+            torch.cuda.empty_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "sms": sms,
+                               "bandwidth_GBps": bw / 1e9, "rows": rows}, indent=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-tokens", type=int, default=1 << 21, help="cap on batch * context")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep the kernel's launch settings on a few shapes instead (tune())")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.tune:
+        return tune(args.out)
     dev = torch.cuda.get_device_name()
     errors = {kind: check(kind) for kind in ("int8", "fp8", "bf16")}
     print("kernel vs fp32 reference, relative error:", errors)

@@ -44,15 +44,21 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.codec.check_head_dim(key_states.shape[-1])
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
         if self.codec.static and self.k_scale is None:
             # vLLM's calculate_kv_scales: no calibrated scale given, take the first batch's amax,
             # over finite values: one NaN key would otherwise make every key NaN for the cache's
             # lifetime (the NaN itself still decodes to NaN)
             finite_amax = lambda t: t.detach().float().nan_to_num(0, 0, 0).abs().amax().cpu()  # noqa: E731
-            self.k_scale = finite_amax(key_states) / 448.0
-            self.v_scale = finite_amax(value_states) / 448.0
+            amax = [finite_amax(t) if t.numel() else torch.tensor(0.0)
+                    for t in (key_states, value_states)]
+            if not all(a > 0 for a in amax):  # scale 0 would decode every later token to 0
+                raise ValueError(f"{self.codec.name} takes its scales from the first batch's "
+                                 f"amax, but that batch's keys/values have amax {float(amax[0])}"
+                                 f"/{float(amax[1])} (empty, all zero or non-finite); write a "
+                                 "real batch first or pass static_scales")
+            self.k_scale, self.v_scale = amax[0] / 448.0, amax[1] / 448.0
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
         empty = key_states[:, :, :0]
         self.k_window, self.v_window = empty, empty.clone()
         self.is_initialized = True
@@ -72,11 +78,16 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         """key_states, value_states: (B, H_kv, T_new, D) -> all keys and values (B, H_kv, T, D) in
-        the input dtype, as the codes decode (KIVI's window in full precision)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        the input dtype, as the codes decode (KIVI's window in full precision). Everything that can
+        be refused is checked before the cache changes: a refused batch leaves it as it was."""
+        self.codec.check_input(key_states, "k")
+        self.codec.check_input(value_states, "v")
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"keys {tuple(key_states.shape)} and values "
+                             f"{tuple(value_states.shape)} must have one (batch, kv_heads, "
+                             "tokens, head_dim) shape")
         shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
-        if shape != self.shape:
+        if self.is_initialized and shape != self.shape:
             raise ValueError(f"this cache holds (batch, kv_heads, head_dim)={self.shape} but got "
                              f"{shape}; start a new QuantizedKVCache for a different batch or "
                              "model")
@@ -86,6 +97,16 @@ class QuantizedKVLayer(CacheLayerMixin):
                              f"{new_len} tokens, past its max_cache_len={self.max_cache_len}; "
                              "build the cache "
                              "with a larger max_cache_len or shorten prompt + max_new_tokens")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        saved = (self.k_parts, self.v_parts, self.k_window, self.v_window, self.n_tokens)
+        try:
+            return self._append(key_states, value_states, new_len)
+        except BaseException:  # e.g. out of memory mid-flush: keep the cache consistent
+            self.k_parts, self.v_parts, self.k_window, self.v_window, self.n_tokens = saved
+            raise
+
+    def _append(self, key_states: Tensor, value_states: Tensor, new_len: int):
         self.k_window = torch.cat([self.k_window, key_states], dim=2)
         self.v_window = torch.cat([self.v_window, value_states], dim=2)
         self.n_tokens = new_len
@@ -189,6 +210,15 @@ class QuantizedKVCache(Cache):
         scales = static_scales or [(None, None)] * num_layers
         layers = [QuantizedKVLayer(self.codec, ks, vs, max_cache_len) for ks, vs in scales]
         super().__init__(layers=layers)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        """Cache.update, refusing a layer index the cache has no layer for (a negative index
+        would silently write to a layer counted from the end)."""
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer_idx={layer_idx}, but this cache has {len(self.layers)} "
+                             "layers; build it for the model: QuantizedKVCache(codec, "
+                             "config=model.config)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod
     def from_layers(cls, layers: list[QuantizedKVLayer]) -> QuantizedKVCache:

@@ -17,6 +17,11 @@ KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache
 (arXiv:2402.02750), with its defaults group 32 and a residual window of 128 full-precision tokens.
 TurboQuant: Zandieh et al., "TurboQuant: Online Vector Quantization with Near-optimal Distortion
 Rate" (arXiv:2504.19874). We implement its MSE quantizer; see RotatedCodec for where we depart.
+
+Non-finite keys and values: the E4M3 codecs keep a NaN in its own element (E4M3 has a NaN code;
+the scale comes from the finite values, so one NaN never spreads to its head vector or the layer)
+and saturate +-inf to +-448 x scale, as the saturating fp8 cast does; bf16/fp16 store them as they
+are; the integer, KIVI and TurboQuant codecs have no code for them and raise (check_input).
 """
 
 from __future__ import annotations
@@ -91,8 +96,32 @@ class KVCodec:
     residual = 0
     flush_every = 1  # tokens are encoded in blocks of this many (KIVI: its residual window)
 
+    keeps_nonfinite = False  # True: NaN / inf survive encode (E4M3 codes, bf16 / fp16)
+
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ValueError, saying what to do, if this codec cannot take vectors of head_dim."""
+
+    def check_input(self, x: Tensor, role: str) -> None:
+        """Raise ValueError, saying what to do, unless x is (B, H, T, D) float keys (role "k") or
+        values ("v") this codec can encode. encode() calls it first; the cache calls it before it
+        changes anything, so a refused batch leaves the cache as it was."""
+        if role not in ("k", "v"):
+            raise ValueError(f"role={role!r}: use 'k' for keys or 'v' for values")
+        if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+            got = (f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor)
+                   else type(x).__name__)
+            raise ValueError(f"{self.name}: {role} must be a (batch, kv_heads, tokens, head_dim) "
+                             f"float tensor, got a {got}")
+        if x.device.type == "meta":
+            raise ValueError(f"{self.name}: {role} is on the meta device (no values); run the "
+                             "model with real weights")
+        self.check_head_dim(x.shape[-1])
+        if not self.keeps_nonfinite and x.numel() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{self.name}: {bad} of {x.numel()} {role} elements are NaN or inf, "
+                             f"which {self.name} has no code for; find the layer that produces "
+                             "them (run the model in bfloat16/float32, not float16), or use "
+                             "fp8_per_token_head / fp8_e4m3, which keep a NaN in its element")
 
     def encode(self, x: Tensor, role: str, scale: Tensor | None = None) -> Parts:
         raise NotImplementedError
@@ -137,15 +166,20 @@ class PerTokenHeadCodec(KVCodec):
     def fmt(self):
         return INT8 if self.element == "int8" else E4M3
 
+    @property
+    def keeps_nonfinite(self) -> bool:  # type: ignore[override]
+        return self.element == "e4m3"
+
     def encode(self, x: Tensor, role: str, scale: Tensor | None = None) -> Parts:
+        self.check_input(x, role)
         x = x.float()
         if self.per_tensor:
             if scale is None:
                 raise ValueError(f"{self.name} needs a calibrated per-layer scale for {role}")
             s = scale.float().reshape(1, 1, 1, 1)
-        else:
-            s = x.abs().amax(-1, keepdim=True) / self.fmt.max
-        y = _safe_div(x, s)
+        else:  # amax over the finite values: a NaN stays in its element, not its whole vector
+            s = x.nan_to_num(0, 0, 0).abs().amax(-1, keepdim=True) / self.fmt.max
+        y = torch.where(torch.isfinite(x), _safe_div(x, s), x)
         codes = E4M3.encode(y, overflow="saturate") if self.element == "e4m3" else INT8.encode(y)
         return {"codes": codes} if self.per_tensor else {"codes": codes, "scale": s.squeeze(-1)}
 
@@ -195,7 +229,12 @@ class KiviCodec(KVCodec):
         return {"codes": codes, "scale": s.squeeze(dim), "min": lo.squeeze(dim)}
 
     def encode(self, x: Tensor, role: str, scale: Tensor | None = None) -> Parts:
+        self.check_input(x, role)
         B, H, T, D = x.shape
+        if role == "k" and T % self.group:
+            raise ValueError(f"{self.name}: keys are encoded in blocks of {self.group} tokens, got "
+                             f"{T}; encode through QuantizedKVCache (it keeps the rest in its "
+                             f"full-precision window) or pass a multiple of {self.group} tokens")
         x = x.float()
         if role == "k":  # (B, H, T/G, G, D): one scale per channel per token group
             p = self._minmax_codes(x.reshape(B, H, T // self.group, self.group, D), 3)
@@ -282,6 +321,7 @@ class RotatedCodec(KVCodec):
         return h.to(device), signs.to(device), book
 
     def encode(self, x: Tensor, role: str, scale: Tensor | None = None) -> Parts:
+        self.check_input(x, role)
         d = x.shape[-1]
         h, signs, book = self._parts(d, x.device)
         x = x.float()
@@ -306,8 +346,15 @@ class PlainCodec(KVCodec):
     measured against). parts {"x": (B, H, T, D)}."""
 
     dtype: torch.dtype = torch.bfloat16
+    keeps_nonfinite = True
 
     def encode(self, x: Tensor, role: str, scale: Tensor | None = None) -> Parts:
+        self.check_input(x, role)
+        fmax = torch.finfo(self.dtype).max
+        if torch.finfo(x.dtype).max > fmax and bool((x.nan_to_num(0, 0, 0).abs() > fmax).any()):
+            # finite in, inf out: refuse (fp16 stops at 65504)
+            raise ValueError(f"{self.name}: {role} holds values beyond {self.name}'s max {fmax:g}, "
+                             "which would be stored as inf; use the bf16 cache (fp32's range)")
         return {"x": x.to(self.dtype)}
 
     def decode(self, parts: Parts, role: str, scale: Tensor | None = None) -> Tensor:
