@@ -77,9 +77,9 @@ def _launch(q, k, v, ks, vs, **settings):
     return decode_attention(q, k, v, ks, vs, **settings)
 
 
-TUNE_SHAPES = ((1, 8192), (1, 32768), (4, 32768), (16, 32768), (16, 8192))
-TUNE_CONFIGS = tuple((bn, w, st, per_sm) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
-                     for per_sm in (4, 8, 16))
+TUNE_SHAPES = ((1, 8192), (1, 32768), (4, 32768), (16, 32768))
+TUNE_CONFIGS = tuple((bn, w, st, per_sm) for bn in (64, 128) for w in (4, 8) for st in (2, 4)
+                     for per_sm in (4, 16))
 
 
 def tune(out: Path) -> None:
