@@ -9,6 +9,7 @@ input activations. Presets carry the names vLLM and llm-compressor users know.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 from quantlab.formats import SCALE_BITS, Format, get_format
@@ -16,6 +17,22 @@ from quantlab.granularity import GRANULARITIES, Granularity, get_granularity
 from quantlab.scales import ABSMAX, SCALE_RULES, ScaleRule, get_scale_rule
 
 __all__ = ["GRANULARITIES", "PRESETS", "SCALE_RULES", "Scheme", "TensorScheme", "get_scheme"]
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def _check_sizes(group_size, block) -> None:
+    """group_size a positive int, block two positive ints: else a ValueError saying so (a float
+    group or a 0-row block would fail deep inside quantize with a bare ZeroDivisionError)."""
+    if group_size is not None and not _positive_int(group_size):
+        raise ValueError(f"group_size={group_size!r} must be a positive integer dividing K, "
+                         "e.g. 32 or 128")
+    if block is not None and not (isinstance(block, (tuple, list)) and len(block) == 2
+                                  and all(_positive_int(b) for b in block)):
+        raise ValueError(f"block={block!r} must be (rows, cols), two positive integers, "
+                         "e.g. (128, 128)")
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,9 @@ class TensorScheme:
 
     def __post_init__(self):
         element: Format = get_format(self.format)
+        _check_sizes(self.group_size, self.block)
         gran = get_granularity(self.granularity, self.group_size, self.block)
+        _check_sizes(gran.group_size, gran.block)  # a Group / Block object's own sizes
         rule = get_scale_rule(self.scale_rule, self.symmetric)
         for name, value in (("element", element), ("granularity", gran), ("scale_rule", rule),
                             ("group_size", gran.group_size), ("block", gran.block)):

@@ -545,3 +545,157 @@ def test_files_fsynced_before_rename_and_parent_after(tmp_path, monkeypatch):
     first_replace = kinds.index(("replace", "out"))
     assert ("fsync", "model.safetensors") in kinds[:first_replace]
     assert ("fsync", tmp_path.name) in kinds[first_replace:]  # the parent, after the rename
+
+
+# --- KV cache: non-finite values, shapes, refused batches leave the cache as it was -------
+
+def _kv(T=128, seed=0, D=64):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, T, D, generator=g), torch.randn(1, 2, T, D, generator=g)
+
+
+def test_kv_nan_stays_in_its_element_per_token_head():
+    import torch
+
+    from quantlab.kv import get_codec
+
+    codec = get_codec("fp8_per_token_head")
+    k, _ = _kv()
+    k[0, 0, 3, 7], k[0, 1, 5, 2] = float("nan"), float("inf")
+    d = codec.decode(codec.encode(k, "k"), "k")
+    assert torch.isnan(d).sum() == 1 and bool(torch.isnan(d[0, 0, 3, 7]))
+    amax = float(k[0, 1, 5].nan_to_num(0, 0, 0).abs().max())
+    assert float(d[0, 1, 5, 2]) == pytest.approx(amax)  # inf saturates to the vector's amax
+    finite = torch.isfinite(k)
+    assert torch.allclose(d[finite], k[finite], rtol=0.07, atol=1e-6)  # neighbours untouched
+
+
+@pytest.mark.parametrize("name", ["int8_per_token_head", "kivi_4", "turbo_4"])
+def test_kv_nan_refused_and_cache_unchanged(name):
+    import torch
+
+    from quantlab.kv import QuantizedKVCache
+
+    cache = QuantizedKVCache(name, num_layers=1)
+    k, v = _kv(T=32)
+    cache.update(k, v, 0)
+    before = {n: t.clone() for n, t in cache.layers[0].tensors().items()}
+    bad_k, bad_v = _kv(T=128, seed=1)
+    bad_k[0, 1, 100, 9] = float("nan")
+    with pytest.raises(ValueError, match=f"{name}: 1 of .* NaN or inf.*no code for"):
+        cache.update(bad_k, bad_v, 0)
+    layer = cache.layers[0]
+    assert layer.n_tokens == 32 and layer.tensors().keys() == before.keys()
+    assert all(torch.equal(layer.tensors()[n], t) for n, t in before.items())
+    out, _ = cache.update(*_kv(T=1, seed=2), 0)  # and the cache still works
+    assert out.shape[2] == 33 and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name,x,role,words", [
+    ("turbo_4", (1, 2, 8, 48), "v", "power-of-two head_dim"),
+    ("kivi_4", (1, 2, 32, 48), "v", "head_dim=48 is not a multiple"),
+    ("kivi_4", (1, 2, 5, 64), "k", "blocks of 32 tokens, got 5"),
+    ("int8_per_token_head", (2, 8, 64), "k", r"\(batch, kv_heads, tokens, head_dim\).*\(2, 8,"),
+    ("fp8_per_token_head", (1, 2, 8, 64), "q", "role='q'"),
+], ids=["turbo-hd48", "kivi-hd48", "kivi-5-keys", "3-D", "bad-role"])
+def test_kv_codec_called_directly(name, x, role, words):
+    import torch
+
+    from quantlab.kv import get_codec
+
+    with pytest.raises(ValueError, match=words):
+        get_codec(name).encode(torch.randn(*x), role)
+
+
+def test_kv_codec_refuses_int_and_fp16_overflow():
+    import torch
+
+    from quantlab.kv import get_codec
+
+    with pytest.raises(ValueError, match="float tensor, got a torch.int64"):
+        get_codec("fp8_per_token_head").encode(torch.ones(1, 2, 4, 64, dtype=torch.long), "k")
+    k, _ = _kv(T=4)
+    k[0, 0, 0, 0] = 1e6
+    with pytest.raises(ValueError, match="beyond fp16's max 65504.*bf16"):
+        get_codec("fp16").encode(k, "k")
+
+
+@pytest.mark.parametrize("first,words", [
+    ("empty", "amax 0.0/0.0 .*static_scales"), ("zeros", "amax 0.0/0.0 .*static_scales"),
+], ids=str)
+def test_kv_automatic_scale_needs_a_real_first_batch(first, words):
+    import torch
+
+    from quantlab.kv import QuantizedKVCache
+
+    cache = QuantizedKVCache("fp8_e4m3", num_layers=1)
+    k = torch.zeros(1, 2, 0 if first == "empty" else 4, 64)
+    with pytest.raises(ValueError, match=words):
+        cache.update(k, k.clone(), 0)
+    assert not cache.layers[0].is_initialized and cache.layers[0].k_scale is None
+
+
+@pytest.mark.parametrize("idx", [1, -1])
+def test_kv_layer_index_out_of_range(idx):
+    from quantlab.kv import QuantizedKVCache
+
+    cache = QuantizedKVCache("int8_per_token_head", num_layers=1)
+    with pytest.raises(ValueError, match=f"layer_idx={idx}, but this cache has 1 layers"):
+        cache.update(*_kv(T=2), idx)
+    assert not cache.layers[0].is_initialized
+
+
+def test_kv_keys_values_shape_mismatch():
+    from quantlab.kv import QuantizedKVCache
+
+    cache = QuantizedKVCache("int8_per_token_head", num_layers=1)
+    k, _ = _kv(T=4)
+    _, v = _kv(T=5)
+    with pytest.raises(ValueError, match=r"keys \(1, 2, 4, 64\) and values \(1, 2, 5, 64\)"):
+        cache.update(k, v, 0)
+    assert cache.layers[0].n_tokens == 0
+
+
+# --- schemes, calibration ids, audit's magic sniffing ----------------------------------------
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(granularity="block", block=(0, 128)), r"block=\(0, 128\) must be \(rows, cols\)"),
+    (dict(granularity="block", block=128), r"block=128 must be \(rows, cols\)"),
+    (dict(granularity="block", block=(1.5, 128)), r"two positive integers"),
+    (dict(granularity="group", group_size=2.5), "group_size=2.5 must be a positive integer"),
+    (dict(granularity="group", group_size="32"), "group_size='32' must be a positive integer"),
+], ids=["block-0", "block-int", "block-float", "group-2.5", "group-str"])
+def test_tensor_scheme_sizes(kw, words):
+    from quantlab.schemes import TensorScheme
+
+    with pytest.raises(ValueError, match=words):
+        TensorScheme("int8", **kw)
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 100), (-5, 60)], ids=["beyond-vocab", "negative"])
+def test_calibration_ids_outside_vocabulary(lo, hi):
+    import torch
+
+    from quantlab.algorithms.gptq import gptq
+
+    model = _llama()
+    ids = torch.randint(lo, hi, (2, 512), generator=torch.Generator().manual_seed(0))
+    ids[0, 0], ids[0, 1] = lo, hi - 1
+    with pytest.raises(ValueError, match=f"run from {lo} to {hi - 1}.*vocabulary has 64 tokens"):
+        gptq(model, "w4a16", ids)
+
+
+def test_audit_sniffs_magic_without_reading_the_file(tmp_path, monkeypatch):
+    from quantlab.io import audit
+
+    big = tmp_path / "model.bin"
+    big.write_bytes(b"PK\x03\x04" + b"\0" * 1024)
+
+    def refuse(self):
+        raise AssertionError("audit read the whole file to sniff 4 bytes")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(FileNotFoundError, match="neither a compressed-tensors directory"):
+        audit(big)

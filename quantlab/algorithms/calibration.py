@@ -87,6 +87,20 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def check_token_ids(model: nn.Module, calib: Tensor) -> None:
+    """Raise ValueError naming the vocabulary size unless every id of calib lies in it (else the
+    embedding lookup fails with a bare IndexError, or a CUDA device-side assert)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is None or not isinstance(calib, Tensor) or calib.numel() == 0:
+        return
+    lo, hi = int(calib.min()), int(calib.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"the calibration ids run from {lo} to {hi}, but the model's vocabulary "
+                         f"has {vocab} tokens (ids 0..{vocab - 1}): tokenize the calibration "
+                         "text with this model's own tokenizer (quantlab.eval.token_windows)")
+
+
 class _StopForward(Exception):
     pass
 
@@ -96,6 +110,7 @@ def first_layer_inputs(model: nn.Module, calib: Tensor) -> tuple[Tensor, dict]:
     """Run the embeddings only: returns (hidden states (B, T, d) entering layer 0, the keyword
     arguments the model passes every decoder layer: rotary embeddings, mask, positions)."""
     layers = decoder_layers(model)
+    check_token_ids(model, calib)
     seen = {}
 
     def grab(module, args, kwargs):
@@ -137,6 +152,7 @@ def collect_inputs(model: nn.Module, modules: dict[str, nn.Module], calib: Tenso
                    max_rows: int | None = 4096) -> dict[str, Tensor]:
     """One float forward pass; each named module's inputs as (rows, K) float32, at most max_rows
     rows taken evenly over the calibration tokens (None: every row)."""
+    check_token_ids(model, calib)
     seen: dict[str, Tensor] = {}
     with input_hooks(modules, lambda n, x: seen.__setitem__(n, x.reshape(-1, x.shape[-1]).float())):
         model(input_ids=calib.to(model.device), use_cache=False)
@@ -162,6 +178,7 @@ def static_act_scales(model: nn.Module, scheme: Scheme, calib: Tensor,
         return {}
     linears = {n: m for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and not matches_any(n, ignore)}
+    check_token_ids(model, calib)
     amax: dict[str, Tensor] = {}
     with input_hooks(linears, lambda n, x: amax.__setitem__(
             n, torch.maximum(amax.get(n, torch.zeros(())), x.detach().abs().amax().float().cpu()))):
