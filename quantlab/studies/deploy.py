@@ -1,8 +1,10 @@
 """Shipping on vLLM (chapters 9 and 10). First what vLLM serves on which GPU, and what fits:
-GPU generations, the flags and kernels that serve each scheme, memory math for real model shapes,
-and the failures chapter 9 demonstrates. Then the choice (chapter 10): accuracy costs measured on
-stdlib-llama, and a recommender that picks a weight scheme and --kv-cache-dtype for a GPU, a
-model, a context, a batch and an accuracy budget, and says why. quantlab.viz.deploy draws both.
+GPU generations, the kernels that serve each scheme (natively, or through a fallback vLLM warns
+about), memory math for real model shapes, and the failures chapter 9 demonstrates. Then the
+choice (chapter 10): accuracy costs measured on a model (the embedded 6.8M-parameter
+stdlib-llama by default, a toy), and a recommender that picks a weight scheme and
+--kv-cache-dtype for a GPU, a model, a context, a batch and an accuracy budget, and says why.
+quantlab.viz.deploy draws both; quantlab.widgets.shipping and .choose are their panels.
 
     >>> from quantlab.studies.deploy import MODELS, kv_bytes_per_token, recommend
     >>> kv_bytes_per_token(MODELS["Llama-3-8B"], "auto")      # 2 x 32 x 8 x 128 x 2 bytes
@@ -12,42 +14,54 @@ model, a context, a batch and an accuracy budget, and says why. quantlab.viz.dep
     >>> r.weight_scheme, r.kv_cache_dtype
     ('fp8_dynamic', 'auto')
 
-What is verified, and where (vLLM facts; the bracketed tags in the comments below point back
-to these):
-[hw]    docs.vllm.ai features/quantization, "Supported Hardware": Marlin (GPTQ/AWQ/FP8) on Ampere,
-        Ada, Hopper; INT8 W8A8 on Turing to Hopper; FP8 W8A8 on Ada and Hopper, not Ampere.
-[fp8]   docs features/quantization/fp8.md: "FP8 computation is supported on NVIDIA GPUs with compute
-        capability >= 8.9 (Ada Lovelace, Hopper, Blackwell). FP8 models will run on compute
-        capability >= 7.5 (Turing) as weight-only W8A16, utilizing FP8 Marlin." `--quantization fp8`
-        quantizes a bf16 checkpoint at load time (its "online dynamic quantization").
-[int4]  docs features/quantization/int4.md: INT4 W4A16 on compute capability > 8.0 (Ampere, Ada,
-        Hopper, Blackwell).
-[fp4]   vllm/model_executor/layers/quantization/utils/marlin_utils_fp4.py: without FP4 tensor
-        cores vLLM serves NVFP4 weights through Marlin and warns "Your GPU does not have native
-        support for FP4 computation but FP4 quantization is being used. Weight-only FP4
-        compression will be used leveraging the Marlin kernel." FP4 tensor cores arrive with
-        Blackwell (sm100).
+What is verified, and where. Every vLLM fact below was read in the vLLM v0.33.0 source release
+(PyPI sdist vllm-0.33.0.tar.gz, 2026-11) unless another version is named; the bracketed tags in
+the comments point back here.
+[gpu]   docs/getting_started/installation/gpu.cuda.inc.md: "GPU: compute capability 7.5 or
+        higher" (v0.20.0 on; v0.17.0 still said 7.0 and listed the V100).
+[hw]    docs/features/quantization/README.md, "Supported Hardware": Marlin (GPTQ/AWQ/FP8/FP4) on
+        Turing (SM 7.5, "*Turing does not support Marlin MXFP4"), Ampere, Ada, Hopper (Turing was
+        added to that row in v0.17.0); llm-compressor INT8 W8A8 on Turing to Hopper; FP8 W8A8 on
+        Ada and Hopper. The table has no Blackwell column.
+[marlin-sm] layers/quantization/utils/marlin_utils.py, query_marlin_supported_quant_types:
+        no Marlin type below capability 75; marlin_utils_fp8.is_fp8_marlin_supported and
+        marlin_utils_fp4.is_fp4_marlin_supported: has_device_capability(75).
+[ct]    layers/quantization/compressed_tensors/: CompressedTensorsW8A8Fp8.get_min_capability 89
+        ("lovelace and up"); below it _get_scheme_from_parts serves FP8 checkpoints with
+        CompressedTensorsW8A16Fp8 (FP8 Marlin, min capability 75); CompressedTensorsW8A8Int8 75;
+        CompressedTensorsWNA16 75; NVFP4 weights, with NVFP4 or no activations, go to
+        CompressedTensorsW4A4Fp4 (min capability 75), whose kernel (kernels/linear/__init__.py,
+        init_nvfp4_linear_kernel) is native FP4 on Blackwell (a FlashInfer CuTe-DSL W4A16 kernel
+        for NVFP4A16 on SM100/103) and FP4 Marlin elsewhere.
+[fp4]   kernels/linear/nvfp4/marlin.py, MarlinNvFp4LinearKernel: it always logs "Your GPU does not
+        have native support for FP4 computation but FP4 quantization is being used. Weight-only
+        FP4 compression will be used leveraging the Marlin kernel. This may degrade performance
+        for compute-heavy workloads." (for NVFP4A16 and W4A4 checkpoints alike).
+[int8-sm100] csrc/quantization/w8a8/cutlass/scaled_mm_c3x_sm100.cu: "int8 not supported on
+        SM100": with no Blackwell column in [hw] either, INT8 W8A8 on Blackwell is not claimed.
+[bf16]  platforms/cuda.py supported_dtypes: bf16 from capability 80 only; config/model.py
+        _resolve_auto_dtype: a bf16 checkpoint on an older GPU runs in float16 with the warning
+        "Your device ... doesn't support torch.bfloat16. Falling back to torch.float16".
 [auto]  vllm/config/model.py, ModelConfig.quantization: "If None, we first check the
         quantization_config attribute in the model config file": a compressed-tensors export needs
-        no --quantization flag (passing `compressed-tensors`, the checkpoint's own method, is
-        harmless). Other method names: fp8, modelopt, modelopt_fp4, gptq_marlin, awq_marlin, gguf
-        (vllm/model_executor/layers/quantization/__init__.py, QuantizationMethods).
-[kv]    vllm/config/cache.py, CacheDType and cache_dtype's docstring: "auto" uses the model's
-        dtype; "CUDA 11.8+ supports fp8 (=fp8_e4m3) and fp8_e5m2". docs quantized_kvcache.md:
-        without calibration the k/v scales are 1.0 ("quantization error can degrade output
-        quality"); calculate_kv_scales=True estimates them from one batch; llm-compressor
-        calibration is the recommended way. (Recent main also lists int8_per_token_head,
-        fp8_per_token_head, nvfp4 and turboquant_* cache dtypes; not used here.)
+        no --quantization flag.
+[kv]    vllm/config/cache.py CacheDType; cache_dtype: "auto" uses the model's dtype; "CUDA 11.8+
+        supports fp8 (=fp8_e4m3) and fp8_e5m2". fp8 keeps one scale per layer for K and one for V:
+        1.0 unless the checkpoint carries calibrated k/v scales (docs quantized_kvcache.md; a
+        quantlab export writes kv_cache_scheme None, so none). int8_per_token_head and
+        fp8_per_token_head (first released in v0.20.0, vllm-project/vllm#38378) compute one fp32
+        scale per token and head when the cache is written, no calibration; only the Triton
+        attention backend takes them (v1/attention/backends/triton_attn.py,
+        supported_kv_cache_dtypes; customize_spec: head_size bytes + one fp32 scale per head).
 [marlin-k] vLLM's GPTQ/AWQ Marlin layers raise "Weight input_size_per_partition = 10944 is not
         divisible by min_thread_k = 128. Consider reducing tensor_parallel_size or running with
-        --quantization gptq." (quoted in vllm-project/vllm#9913).
+        --quantization gptq." (marlin_utils.verify_marlin_supports_shape; vllm-project/vllm#9913).
 [oom]   vLLM's KV-cache check raises "No available memory for the cache blocks. Try increasing
         `gpu_memory_utilization` ..." and "The model's max seq len (X) is larger than the maximum
         number of tokens that can be stored in KV cache (Y). Try increasing
         `gpu_memory_utilization` or decreasing `max_model_len` ...".
-[util]  --gpu-memory-utilization: 0.9 was the default (Ray's vLLM docs still quote it); recent
-        vllm/config/cache.py says 0.92. We keep 0.9, as quantlab.kv.capacity does; pass
-        gpu_util=0.92 to match a recent vLLM.
+[util]  --gpu-memory-utilization: 0.9 was the default for long; v0.33.0's vllm/config/cache.py
+        says 0.92. We keep 0.9, as quantlab.kv.capacity does; pass gpu_util=0.92 to match.
 [marlin] IST-DASLab/marlin README: near-ideal 4x speedups "up to batchsizes of 16-32 tokens".
 Rules of thumb (not measurements) are marked as such where they are used.
 """
@@ -57,6 +71,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +83,8 @@ from quantlab.kv.codecs import get_codec
 from quantlab.schemes import get_scheme
 
 GB = 1e9
+VLLM_VERSION = "0.33.0"  # the release every vLLM fact above was checked against
+VLLM_MIN_SM = 75  # [gpu]
 
 # ------------------------------------------------------------------------------------- GPUs
 
@@ -83,22 +100,26 @@ class GPU:
     memory_gb: float
 
     @property
-    def fp8(self) -> bool:  # FP8 tensor cores: Ada (sm89) and Hopper (sm90) onwards [fp8]
+    def fp8(self) -> bool:  # FP8 tensor cores: Ada (sm89) and Hopper (sm90) onwards
         return self.sm >= 89
 
     @property
-    def fp4(self) -> bool:  # FP4 (NVFP4 / MXFP4) tensor cores: Blackwell (sm100) [fp4]
+    def fp4(self) -> bool:  # FP4 (NVFP4 / MXFP4) tensor cores: Blackwell (sm100)
         return self.sm >= 100
 
     @property
     def tensor_formats(self) -> str:
-        """The tensor-core input formats that matter for serving, oldest first."""
-        return "bf16, fp16, int8" + (", fp8 (e4m3/e5m2)" if self.fp8 else "") + \
+        """The tensor-core input formats that matter for serving, oldest first: fp16 (Volta),
+        int8 (Turing), bf16 (Ampere), fp8 (Ada, Hopper), fp4 (Blackwell)."""
+        fmts = (["bf16"] if self.sm >= 80 else []) + ["fp16"] + (["int8"] if self.sm >= 75 else [])
+        return ", ".join(fmts) + (", fp8 (e4m3/e5m2)" if self.fp8 else "") + \
             (", fp4 (nvfp4, mxfp4)" if self.fp4 else "")
 
 
-# Vendor spec sheets. B200: HGX B200 lists 180 GB (launch material said 192 GB).
+# Vendor spec sheets. B200: HGX B200 lists 180 GB (launch material said 192 GB). V100: the 32 GB
+# SXM2 part; T4: 16 GB.
 GPUS: dict[str, GPU] = {g.name: g for g in (
+    GPU("V100", "Volta", 70, 32), GPU("T4", "Turing", 75, 16),
     GPU("A100", "Ampere", 80, 80), GPU("L40S", "Ada", 89, 48), GPU("RTX 4090", "Ada", 89, 24),
     GPU("H100", "Hopper", 90, 80), GPU("H200", "Hopper", 90, 141),
     GPU("B200", "Blackwell", 100, 180))}
@@ -122,48 +143,84 @@ def get_gpus(gpus=None) -> list[GPU]:
 # ------------------------------------------------------------------------ schemes on vLLM
 
 SCHEMES = ("bf16", "fp8_dynamic", "int8_w8a8", "w4a16", "nvfp4_a16", "nvfp4")
-# vLLM --kv-cache-dtype -> the quantlab codec with the same bytes (fp8 = fp8_e4m3 with one scale
-# per layer for K and one for V [kv]; fp8_e5m2 stores the same bytes, with less precision).
-KV_CODEC = {"auto": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e4m3"}
+# vLLM --kv-cache-dtype -> the quantlab codec with the same bytes [kv] (fp8 = fp8_e4m3 with one
+# scale per layer for K and one for V; fp8_e5m2 stores the same bytes, with less precision).
+KV_CODEC = {"auto": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e4m3",
+            "int8_per_token_head": "int8_per_token_head",
+            "fp8_per_token_head": "fp8_per_token_head"}
+# The cache dtypes recommend() tries, in order. auto (bf16) first: nothing lost. Then the
+# per-token-head codecs, whose dynamic scales need no calibration (a quantlab export carries no
+# k/v scales, so fp8 would run at scale 1.0 [kv]); int8 before fp8 per token-head because with a
+# per-row absmax scale int8's 7 magnitude bits beat E4M3's 3 mantissa bits (same bytes). Measured
+# costs only check the budget; they never reorder this list.
+KV_CHOICES = ("auto", "int8_per_token_head", "fp8_per_token_head", "fp8")
 
 
 @dataclass(frozen=True)
 class ServingPath:
-    """How vLLM runs a scheme on a GPU. ok: it serves it; compute: what the matmul computes in;
-    note: why, in a sentence. A quantlab export needs no --quantization flag [auto]."""
+    """How vLLM runs a scheme on a GPU. ok: it serves it; native: through the scheme's own
+    kernel, not a fallback vLLM warns about (FP8 or FP4 weights through Marlin on a GPU without
+    those tensor cores); compute: what the matmul computes in; note: why, in a sentence. A
+    quantlab export needs no --quantization flag [auto]."""
 
     ok: bool
     compute: str
     note: str
+    native: bool = True
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One row of SERVING: scheme served on min_sm <= sm <= max_sm."""
+
+    min_sm: int
+    max_sm: int
+    native: bool
+    compute: str
+    note: str
+
+
+_MARLIN_FP4 = ("vLLM warns 'Your GPU does not have native support for FP4 computation': the FP4 "
+               "weights run through Marlin, 16-bit activations")  # [fp4]
+# scheme -> rules, first match wins; outside every rule the scheme is not served. Data, not code:
+# the comment on each row names its sources in the module docstring.
+SERVING: dict[str, tuple[_Rule, ...]] = {
+    "bf16": (_Rule(80, 999, True, "bf16 tensor cores", "the unquantized checkpoint"),
+             _Rule(75, 79, True, "fp16 tensor cores", "no bf16 before sm80: vLLM runs the "
+                   "checkpoint in float16 (watch for overflow past 65504)")),  # [bf16]
+    "fp8_dynamic": (
+        _Rule(89, 999, True, "FP8 W8A8 tensor cores", "FP8 W8A8 from sm89"),  # [hw][ct]
+        _Rule(75, 88, False, "weight-only W8A16 (FP8 Marlin)", "no FP8 tensor cores before "
+              "sm89: vLLM serves FP8 checkpoints weight-only, activations 16-bit")),  # [ct]
+    "int8_w8a8": (_Rule(75, 90, True, "INT8 W8A8 tensor cores", "vLLM's hardware table: "
+                        "Turing to Hopper"),),  # [hw][ct]
+    "w4a16": (_Rule(75, 999, True, "weight-only (INT4 Marlin)", "vLLM's Marlin kernel from "
+                    "sm75: int4 dequantized in registers, 16-bit matmul"),),  # [hw][marlin-sm]
+    "nvfp4_a16": (
+        _Rule(100, 103, True, "weight-only (FP4, CuTe-DSL W4A16)", "Blackwell: FP4 weights "
+              "through FlashInfer's W4A16 kernel, no fallback warning"),  # [ct]
+        _Rule(75, 999, False, "weight-only (FP4 Marlin)", _MARLIN_FP4)),  # [marlin-sm][fp4]
+    "nvfp4": (_Rule(100, 999, True, "NVFP4 W4A4 tensor cores", "Blackwell's FP4 tensor cores"),
+              _Rule(75, 99, False, "weight-only (FP4 Marlin)", _MARLIN_FP4)),  # [ct][fp4]
+}
 
 
 def serving_path(scheme: str, gpu: str | GPU) -> ServingPath:
-    """scheme: one of SCHEMES. Only what the sources in the module docstring state."""
+    """scheme: one of SCHEMES -> how vLLM v0.33 serves it on this GPU (SERVING)."""
+    if scheme not in SERVING:
+        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     g = get_gpu(gpu)
-    if scheme == "bf16":
-        return ServingPath(True, "bf16 tensor cores", "the unquantized checkpoint")
-    if scheme == "fp8_dynamic":
-        if g.fp8:
-            return ServingPath(True, "FP8 W8A8 tensor cores", "vLLM runs FP8 W8A8 from sm89; "
-                               "without a checkpoint, --quantization fp8 quantizes bf16 "
-                               "weights at load time")
-        return ServingPath(True, "weight-only W8A16 (FP8 Marlin)", "no FP8 tensor cores before "
-                           "sm89: vLLM runs FP8 checkpoints weight-only, activations 16-bit")
+    if g.sm < VLLM_MIN_SM:
+        return ServingPath(False, "-", f"vLLM 0.20 and later need compute capability 7.5; "
+                           f"{g.name} is sm{g.sm}", False)  # [gpu]
+    for r in SERVING[scheme]:
+        if r.min_sm <= g.sm <= r.max_sm:
+            return ServingPath(True, r.compute, r.note, r.native)
     if scheme == "int8_w8a8":
-        if 75 <= g.sm <= 90:
-            return ServingPath(True, "INT8 W8A8 tensor cores", "vLLM's hardware table: Turing "
-                               "to Hopper")
-        return ServingPath(False, "-", "vLLM's hardware table lists INT8 W8A8 from Turing to "
-                           "Hopper and has no Blackwell column: not claimed here")
-    if scheme in ("w4a16", "nvfp4_a16"):
-        return ServingPath(g.sm >= 80, "weight-only (Marlin)", "vLLM serves 4-bit weights "
-                           "through Marlin from sm80: dequantized in registers, 16-bit matmul")
-    if scheme == "nvfp4":
-        if g.fp4:
-            return ServingPath(True, "NVFP4 W4A4 tensor cores", "Blackwell's FP4 tensor cores")
-        return ServingPath(True, "weight-only fallback (FP4 Marlin)", "vLLM warns 'Your GPU does "
-                           "not have native support for FP4 computation'")
-    raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+        return ServingPath(False, "-", "vLLM's CUTLASS kernel has no int8 path on SM100 and its "
+                           "hardware table no Blackwell column: not claimed here",
+                           False)  # [int8-sm100]
+    return ServingPath(False, "-", f"no rule in SERVING covers sm{g.sm}", False)
 
 
 def serving_table() -> list[dict]:
@@ -174,9 +231,10 @@ def serving_table() -> list[dict]:
             continue
         seen.add(g.arch)
         row = {"GPU": f"{g.arch} ({g.name}, sm{g.sm})", "tensor cores": g.tensor_formats}
-        for scheme in SCHEMES[1:]:
+        for scheme in SCHEMES:
             p = serving_path(scheme, g)
-            row[scheme] = p.compute if p.ok else "not listed"
+            row[scheme] = (p.compute + ("" if p.native else ", fallback")) if p.ok else \
+                "not served"
         rows.append(row)
     return rows
 
@@ -239,6 +297,16 @@ def get_model(model: str | ModelShape) -> ModelShape:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}. For another "
                          "model pass ModelShape.from_config(AutoConfig.from_pretrained(...))")
     return MODELS[model]
+
+
+def model_from_dir(path: str | os.PathLike) -> ModelShape:
+    """A local Hugging Face directory (its config.json) -> ModelShape named after the folder."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} holds no config.json: pass a local Hugging Face "
+                         "model directory")
+    return ModelShape.from_config(AutoConfig.from_pretrained(path), Path(path).name)
 
 
 def layer_bits(scheme: str, N: int, K: int) -> int:
@@ -386,43 +454,55 @@ NOISE_PCT = 0.25  # perplexity changes below this are noise at 2048 eval tokens.
 # stdlib-llama) over ATEN_CPU_CAPABILITY default/avx2/avx512 x 1-2 threads x torch 2.11/2.13:
 # fp8_dynamic +0.02% to +0.12%, int8_w8a8 -0.05% to +0.05%, the same scheme on the same weights;
 # scripts/check_spread.py reruns it.
+TOY_SOURCE = "the 6.8M-parameter stdlib-llama, a toy model"
 
 
-def measure_costs(schemes=SCHEMES[1:], eval_tokens: int = 2048, calib_tokens: int = 256,
-                  log=None) -> dict:
-    """Round to nearest on the embedded stdlib-llama, measured as quantlab.compare measures it
-    (256-token windows, KL on the first). Returns {baseline perplexity, eval_tokens,
-    rows: {scheme: {bits_per_weight, perplexity, ppl_increase_pct, kl}}}."""
+def measure_costs(model: str | os.PathLike | None = None, schemes=SCHEMES[1:],
+                  eval_tokens: int = 2048, calib_tokens: int = 256, log=None) -> dict:
+    """Round to nearest on a causal LM, measured as quantlab.compare measures it (256-token
+    windows of the embedded held-out text, KL on the first). model: a local Hugging Face
+    directory (safetensors), None for the embedded stdlib-llama. Returns {source: what was
+    measured, in words; baseline perplexity; eval_tokens; rows: {scheme: {bits_per_weight,
+    perplexity, ppl_increase_pct, kl}}}."""
     from quantlab import models
     from quantlab.algorithms.calibration import rtn
     from quantlab.eval.lm import mean_nll, next_token_kl, token_windows
     from quantlab.nn import bits_per_weight
 
-    model, tok = models.load_causal_lm()
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"model={str(model)!r} is no local Hugging Face directory (no "
+                         "config.json in it): pass the folder holding config.json and the "
+                         ".safetensors weights, or None for the embedded stdlib-llama")
+    net, tok = models.load_causal_lm(model)
+    n_params = sum(p.numel() for p in net.parameters())
+    source = TOY_SOURCE if model is None else \
+        f"{Path(model).name} ({n_params / 1e6:,.0f}M parameters)"
     windows = token_windows(tok, models.eval_text(), 256, eval_tokens)
     calib = token_windows(tok, models.calib_text(), 256, calib_tokens)
-    p = math.exp(mean_nll(model, windows))
+    p = math.exp(mean_nll(net, windows))
     rows = {}
     for scheme in [get_scheme(s) for s in schemes]:
-        q = rtn(copy.deepcopy(model), scheme, calib)
+        q = rtn(copy.deepcopy(net), scheme, calib)
         ppl = math.exp(mean_nll(q, windows))
         rows[scheme.name] = {"bits_per_weight": bits_per_weight(q), "perplexity": ppl,
                              "ppl_increase_pct": 100 * (ppl - p) / p,
-                             "kl": next_token_kl(model, q, windows[:1])}
+                             "kl": next_token_kl(net, q, windows[:1])}
         if log:
             log(f"  {scheme.name:<14} ppl {ppl:8.3f}")
-    return {"perplexity": p, "eval_tokens": windows.numel(), "rows": rows}
+    return {"source": source, "n_params": n_params, "perplexity": p,
+            "eval_tokens": windows.numel(), "rows": rows}
 
 
 def kv_costs(path: str | Path | None = None) -> dict[str, float]:
-    """Perplexity increase (%) per --kv-cache-dtype from the committed KV measurement
-    (data/bench/kv-accuracy-stdlib-llama.json; fp8 = static calibrated per-layer E4M3 scales)."""
+    """Perplexity increase (%) per --kv-cache-dtype in KV_CHOICES, from the committed KV
+    measurement on stdlib-llama (data/bench/kv-accuracy-stdlib-llama.json; its fp8 row used
+    static calibrated per-layer E4M3 scales)."""
     from quantlab.models import data_dir
 
     path = Path(path) if path else data_dir() / "bench" / "kv-accuracy-stdlib-llama.json"
     rows = {r["codec"]: r for r in json.loads(path.read_text())["codecs"]}
     base = rows["bf16"]["perplexity"]
-    return {"auto": 0.0, "fp8": 100 * rows["fp8_e4m3"]["perplexity_delta"] / base}
+    return {kvd: 100 * rows[KV_CODEC[kvd]]["perplexity_delta"] / base for kvd in KV_CHOICES}
 
 
 def effective_cost(pct: float) -> float:
@@ -455,19 +535,19 @@ class Recommendation:
     options: list[dict] = field(default_factory=list)
 
 
-def preference(gpu: str | GPU, batch: int, costs: dict[str, float] | None = None) -> list[str]:
-    """Formats in the order we try them (rule of thumb): native low-bit compute first (NVFP4 W4A4,
-    Blackwell only); then, at small batch (decode reads every weight per step: memory-bound) 4-bit
-    weights before 8-bit, at large batch (compute-bound) W8A8 before weight-only; bf16 last.
-    Within a tier, the lower measured cost (costs: {scheme: %}) comes first."""
+def preference(gpu: str | GPU, batch: int) -> list[str]:
+    """Weight formats in the order recommend() tries them (a rule of thumb), set by the GPU and
+    the batch only: (1) served natively before fallbacks vLLM warns about (FP8 or FP4 weights
+    through Marlin); (2) by speed: NVFP4 W4A4 first where it is native (Blackwell); at small
+    batch (decode reads every weight per step: memory-bound) 4-bit weights before 8-bit, at
+    large batch (compute-bound) W8A8 before weight-only; INT4 before FP4 weights and FP8 before
+    INT8 where both are native (vLLM's guidance on Hopper); bf16 last. Measured costs never
+    reorder it: they only check the budget."""
     g = get_gpu(gpu)
-    w8 = ["fp8_dynamic", "int8_w8a8"] if g.fp8 else ["int8_w8a8", "fp8_dynamic"]
-    w4 = ["nvfp4_a16", "w4a16"]
-    if costs:  # stable: equal costs keep the order above
-        w8, w4 = (sorted(t, key=lambda f: effective_cost(costs.get(f, math.inf)))
-                  for t in (w8, w4))
-    mid = w4 + w8 if batch <= MEMORY_BOUND_BATCH else w8 + w4
-    return ["nvfp4"] + mid + ["bf16"]  # recommend() skips nvfp4 (W4A4) without FP4 cores
+    w4, w8 = ["w4a16", "nvfp4_a16"], ["fp8_dynamic", "int8_w8a8"]
+    speed = ["nvfp4"] + (w4 + w8 if batch <= MEMORY_BOUND_BATCH else w8 + w4)
+    native = [s for s in speed if serving_path(s, g).native]
+    return native + [s for s in speed if s not in native] + ["bf16"]
 
 
 def _check(context_len: int, batch: int, accuracy_budget: float, gpu_util: float) -> None:
@@ -482,23 +562,33 @@ def _check(context_len: int, batch: int, accuracy_budget: float, gpu_util: float
         raise ValueError(f"gpu_util={gpu_util} must be in (0, 1] (vLLM's default is 0.9)")
 
 
-def serve_command(scheme: str | None, kv: str | None, context_len: int, batch: int) -> str:
-    """The export and serve lines for a choice ([auto]: no --quantization for our exports)."""
+def serve_command(scheme: str | None, kv: str | None, context_len: int, batch: int,
+                  model: str = "Llama-3-8B", model_dir: str | None = None) -> str:
+    """The export and serve lines for a choice ([auto]: no --quantization for our exports).
+    model_dir: the model's local Hugging Face directory; None writes a placeholder the reader
+    replaces, <your MODEL dir>."""
     if scheme is None:
         return "(nothing fits: see the reasons)"
-    serve = "vllm serve ./model" if scheme == "bf16" else \
-        f"quantlab export --scheme {scheme} --out ./model-{scheme}\nvllm serve ./model-{scheme}"
-    extra = "" if kv == "auto" else f" --kv-cache-dtype {kv}"
-    return f"{serve}{extra} --max-model-len {context_len} --max-num-seqs {batch}"
+    src = model_dir or f"<your {model} dir>"
+    out = f"./{Path(model_dir).name if model_dir else model}-{scheme}"
+    lines = [] if scheme == "bf16" else \
+        [f"quantlab export --model {src} --scheme {scheme} --out {out}"]
+    kv_flag = "" if kv in (None, "auto") else f"--kv-cache-dtype {kv} "
+    lines.append(f"vllm serve {src if scheme == 'bf16' else out} \\\n  {kv_flag}"
+                 f"--max-model-len {context_len} --max-num-seqs {batch}")
+    return "\n".join(lines)
 
 
 def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: int = 1,
               accuracy_budget: float = 1.0, *, costs: dict[str, float],
-              kv: dict[str, float] | None = None, gpu_util: float = 0.9) -> Recommendation:
+              kv: dict[str, float] | None = None, gpu_util: float = 0.9,
+              cost_source: str = TOY_SOURCE, model_dir: str | None = None) -> Recommendation:
     """Weight scheme and --kv-cache-dtype for one GPU, a model, batch sequences of context_len
-    tokens and an accuracy budget (perplexity increase in %, on our stdlib-llama proxy).
-    costs: {scheme: measured perplexity increase %} (measure_costs); schemes missing from it
-    are skipped. kv: {kv dtype: %} (default kv_costs(): the committed KV measurement)."""
+    tokens and an accuracy budget (perplexity increase in %). costs: {scheme: measured
+    perplexity increase %} (measure_costs), measured on cost_source; schemes missing from it
+    are skipped. kv: {kv dtype: %} (default kv_costs()). Costs only check the budget (changes
+    inside NOISE_PCT count as 0); the order is preference()'s. model_dir: the model's local HF
+    directory, for the export command (None: a placeholder)."""
     g, m = get_gpu(gpu), get_model(model)
     _check(context_len, batch, accuracy_budget, gpu_util)
     kv = kv_costs() if kv is None else kv
@@ -506,14 +596,16 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
     regime = "memory-bound: fewer weight bytes first" if batch <= MEMORY_BOUND_BATCH else \
         "compute-bound: W8A8 tensor-core formats first"
     reasons = [f"{g.name} ({g.arch}, sm{g.sm}, {g.memory_gb:g} GB): tensor cores take "
-               f"{g.tensor_formats}.",
+               f"{g.tensor_formats}; formats vLLM {VLLM_VERSION} serves natively here are "
+               "tried before its fallbacks.",
                f"batch {batch} ({regime}; rule of thumb: Marlin keeps its 4-bit speedup up to "
                f"batch {MEMORY_BOUND_BATCH}).",
-               "Accuracy costs: perplexity increase on the 6.8M-parameter stdlib-llama, weights "
-               "and KV added; a rule of thumb says larger models lose less to the same format, "
-               "so read them as a ranking."]
+               f"Accuracy costs: perplexity increase measured on {cost_source}, weights and KV "
+               "added. They only check the budget (changes under "
+               f"±{NOISE_PCT}% count as 0) and never rank formats: on a larger model the same "
+               "format usually costs less (a rule of thumb)."]
     options, choice = [], None
-    for scheme in preference(g, batch, costs):
+    for scheme in preference(g, batch):
         path = serving_path(scheme, g)
         row = {"format": scheme, "compute": path.compute,  # "format": the table's column label
                "weights GB": weight_bytes(m, scheme)["total"] / GB,
@@ -532,16 +624,19 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
         if cw > accuracy_budget:
             row["status"] = f"costs {costs[scheme]:.2f}% > budget {accuracy_budget:g}%"
             continue
-        fits = {kvd: fit(g, m, scheme, kvd, context_len, batch, gpu_util)
-                for kvd in ("auto", "fp8")}
-        allowed = [k for k in fits if cw + effective_cost(kv[k]) <= accuracy_budget]  # auto always
+        allowed = [k for k in KV_CHOICES if k in kv  # auto always
+                   and cw + effective_cost(kv[k]) <= accuracy_budget]
+        fits = {k: fit(g, m, scheme, k, context_len, batch, gpu_util) for k in allowed}
         ok = [k for k in allowed if fits[k]["fits"]]
         if not ok:
-            f = fits[allowed[-1]]
+            last = allowed[-1]
+            f = fits[last]
             row["status"] = (f"does not fit: {f['weights_gb']:.1f} GB weights + "
-                             f"{f['kv_gb']:.1f} GB KV ({allowed[-1]}) > {f['budget_gb']:.1f} GB")
+                             f"{f['kv_gb']:.1f} GB KV ({last}) > {f['budget_gb']:.1f} GB")
             continue
         row["status"] = f"chosen, --kv-cache-dtype {ok[0]}" if choice is None else "fits"
+        if not path.native:
+            row["status"] += " (fallback)"
         if choice is None:
             choice = (scheme, ok[0], fits[ok[0]], cw + effective_cost(kv[ok[0]]))
     if choice is None:
@@ -551,34 +646,43 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
                               {}, math.nan, serve_command(None, None, 0, 0), reasons, options)
     scheme, kvd, f, cost = choice
     reasons += _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, accuracy_budget,
-                    gpu_util)
+                    gpu_util, cost_source)
     return Recommendation(g.name, m.name, context_len, batch, accuracy_budget, scheme, kvd, f, cost,
-                          serve_command(scheme, kvd, context_len, batch), reasons, options)
+                          serve_command(scheme, kvd, context_len, batch, m.name, model_dir),
+                          reasons, options)
 
 
-def _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, budget, gpu_util) -> list[str]:
+def _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, budget, gpu_util,
+         cost_source) -> list[str]:
     p = serving_path(scheme, g)
-    out = [f"Weights: {scheme} ({p.compute}), {f['weights_gb']:.1f} GB; measured cost "
-           f"{costs[scheme]:+.2f}%" + (f" (inside the ±{NOISE_PCT}% noise)"
-                                        if effective_cost(costs[scheme]) == 0 and scheme != "bf16"
-                                        else "")
-           + f". {p.note}."]
+    noise = " (inside the noise)" if effective_cost(costs[scheme]) == 0 and scheme != "bf16" \
+        else ""
+    out = [f"Weights: {scheme} ({p.compute}), {f['weights_gb']:.1f} GB; cost "
+           f"{costs[scheme]:+.2f}%{noise} on {cost_source}. {p.note}."]
     kv_line = (f"KV cache: {kvd}, {f['kv_gb']:.1f} GB for {batch} x {context_len} tokens; "
                f"{f['free_gb']:.1f} GB of the {f['budget_gb']:.1f} GB budget "
                f"({gpu_util:g} x memory) left; up to {f['max_context']:,} tokens per sequence "
                "at this batch.")
     if kvd == "auto":
-        alt = fit(g, m, scheme, "fp8", context_len, batch, gpu_util)
-        kv_line += (f" fp8 would allow {alt['max_context']:,} at a measured "
-                    f"{kv['fp8']:.2f}% (static calibrated scales).")
+        nxt = next((k for k in KV_CHOICES[1:] if k in kv), None)
+        if nxt:
+            alt = fit(g, m, scheme, nxt, context_len, batch, gpu_util)
+            kv_line += (f" {nxt} would allow {alt['max_context']:,} at a measured "
+                        f"{kv[nxt]:+.2f}%.")
     else:
         auto = fit(g, m, scheme, "auto", context_len, batch, gpu_util)
-        kv_line += (f" bf16 KV ({auto['kv_gb']:.1f} GB) does not fit; fp8 halves it at a "
-                    f"measured {kv['fp8']:.2f}% with scales calibrated per layer: calibrate "
-                    "them (llm-compressor), vLLM's uncalibrated default scale is 1.0.")
+        kv_line += (f" bf16 KV ({auto['kv_gb']:.1f} GB) does not fit; {kvd} stores about half "
+                    f"of it at a measured {kv[kvd]:+.2f}%.")
+        if kvd in ("int8_per_token_head", "fp8_per_token_head"):
+            kv_line += (" Its scales are computed per token and head as the cache is written "
+                        "(no calibration); it needs vLLM 0.20 or later and runs on the Triton "
+                        "attention backend only.")
+        else:
+            kv_line += (" Calibrate its per-layer scales (llm-compressor): a quantlab export "
+                        "carries none, and vLLM's default scale is 1.0.")
         if context_len > 8192:
-            kv_line += (" Our KV measurement used 512-token windows; fp8 KV accuracy at long "
-                        "context is reported to vary (vllm-project/vllm#23813): check it.")
+            kv_line += (" Our KV measurement used 512-token windows; quantized KV accuracy at "
+                        "long context is reported to vary (vllm-project/vllm#23813): check it.")
     out.append(kv_line)
     out.append(f"Total cost {cost:.2f}% <= budget {budget:g}%. vLLM also keeps activation "
                "memory (profiled at startup): leave a few GB of headroom.")
@@ -586,13 +690,13 @@ def _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, budget, gpu_
 
 
 def _nothing_fits(g, m, context_len, batch, budget, costs, kv, gpu_util) -> str:
-    ok = [f for f in preference(g, batch, costs) if serving_path(f, g).ok and f in costs
+    ok = [f for f in preference(g, batch) if serving_path(f, g).ok and f in costs
           and effective_cost(costs[f]) <= budget and not (f == "nvfp4" and not g.fp4)]
     if not ok:
-        return f"No format is within the {budget:g}% budget."
+        return f"No format vLLM serves on the {g.name} is within the {budget:g}% budget."
     best = max(((f, kvd, fit(g, m, f, kvd, context_len, batch, gpu_util)) for f in ok
-                for kvd in ("auto", "fp8")
-                if effective_cost(costs[f]) + effective_cost(kv[kvd]) <= budget),
+                for kvd in KV_CHOICES
+                if kvd in kv and effective_cost(costs[f]) + effective_cost(kv[kvd]) <= budget),
                key=lambda t: (t[2]["max_batch"], -t[2]["weights_gb"]))
     f, kvd, r = best
     if r["max_batch"] == 0:

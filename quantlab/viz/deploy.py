@@ -12,26 +12,45 @@ import plotly.graph_objects as go
 from quantlab.studies.deploy import (
     GB,
     SCHEMES,
+    VLLM_MIN_SM,
     effective_cost,
     fit,
     get_gpus,
     get_model,
     kv_bytes_per_token,
     recommendation_grid,
+    serving_path,
     weight_bytes,
 )
 from quantlab.viz.book import COLORS, dropdown
 
 
+def _budget_labels(fig: go.Figure, budgets: dict[float, list[str]], top: float) -> None:
+    """Dotted line per budget (GB) and its label in the right margin, labels pushed apart so that
+    none overlaps the next (close budgets, e.g. 14.4 / 21.6 / 28.8 GB, share the scale)."""
+    gap, last, ys = 0.05 * top, -math.inf, []
+    for b in sorted(budgets):
+        last = max(b, last + gap)
+        ys.append(last)
+    shift = max(0.0, ys[-1] - top) if ys else 0.0  # keep the highest label inside the axis
+    for b, y in zip(sorted(budgets), ys, strict=True):
+        fig.add_hline(y=b, line_dash="dot", line_color="#666")
+        fig.add_annotation(xref="paper", x=1.01, xanchor="left", y=y - shift, yanchor="middle",
+                           showarrow=False, font=dict(size=11),
+                           text=f"{' / '.join(budgets[b])}: {b:g} GB")
+
+
 def memory_figure(scenarios: dict, gpus=None) -> go.Figure:
     """scenarios: label -> (model, context_len, batch, kv_dtype). Stacked bars per scheme:
     quantized weights, bf16 weights, KV cache; a dropdown picks the scenario; dotted lines mark
-    each GPU's budget (0.9 x memory)."""
-    fig, groups, c = go.Figure(), {}, COLORS
+    each GPU's budget (0.9 x memory), labelled in the right margin. gpus: None for every GPU
+    vLLM serves on (sm >= 7.5). One y scale for all scenarios, so that they compare."""
+    fig, groups, c, top = go.Figure(), {}, COLORS, 0.0
     for lab, (model, ctx, batch, kvd) in scenarios.items():
         groups[lab] = []
         w = {s: weight_bytes(model, s) for s in SCHEMES}
         kv_gb = batch * ctx * kv_bytes_per_token(model, kvd) / GB
+        top = max(top, max(w[s]["total"] / GB for s in SCHEMES) + kv_gb)
         parts = (("quantized Linears", [w[s]["quantized"] / GB for s in SCHEMES], c[0]),
                  ("bf16 embeddings, lm_head, norms", [w[s]["other"] / GB for s in SCHEMES], c[1]),
                  (f"KV cache ({kvd})", [kv_gb] * len(SCHEMES), c[2]))
@@ -40,32 +59,35 @@ def memory_figure(scenarios: dict, gpus=None) -> go.Figure:
             fig.add_trace(go.Bar(x=list(SCHEMES), y=ys, name=name, marker_color=col,
                                  hovertemplate=name + ": %{y:.1f} GB<extra></extra>"))
     budgets: dict[float, list[str]] = {}
-    for g in get_gpus(gpus):  # one line per distinct budget (A100 and H100 share 72 GB)
-        budgets.setdefault(0.9 * g.memory_gb, []).append(g.name)
-    for b, names in budgets.items():
-        fig.add_hline(y=b, line_dash="dot", line_color="#666", annotation_position="top left",
-                      annotation_text=f"{' / '.join(names)}: 0.9 x memory = {b:g} GB")
+    chosen = get_gpus(gpus) if gpus else [g for g in get_gpus() if g.sm >= VLLM_MIN_SM]
+    for g in chosen:  # one line per distinct budget (A100 and H100 share 72 GB)
+        budgets.setdefault(round(0.9 * g.memory_gb, 1), []).append(g.name)
+    top = 1.05 * max([top, *budgets])
+    _budget_labels(fig, budgets, top)
     dropdown(fig, groups, title_of=lambda lab: f"GPU memory: {lab}")
     fig.update_layout(title=f"GPU memory: {next(iter(scenarios))}", barmode="stack",
                       template="plotly_white", height=520, yaxis_title="GB",
-                      xaxis_title="weight format")
+                      yaxis_range=[0, top], xaxis_title="weight format",
+                      margin=dict(r=170), legend=dict(orientation="h", y=-0.22))
     return fig
 
 
 def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
     """Max tokens per sequence at `batch` (log y) per scheme, one line per GPU; a dropdown picks
-    (model, KV dtype). 0 (the weights alone do not fit) is drawn at the bottom."""
+    (model, KV dtype). 0 (the weights alone do not fit) is drawn at the bottom; a scheme vLLM
+    does not serve on a GPU leaves a gap in its line."""
     fig, groups, c = go.Figure(), {}, COLORS
     for model in models:
-        for kvd in ("auto", "fp8"):
+        for kvd in ("auto", "int8_per_token_head"):
             lab = f"{get_model(model).name}, KV {kvd}"
             groups[lab] = []
             for i, g in enumerate(get_gpus(gpus)):
-                ys = [fit(g, model, s, kvd, 1024, batch)["max_context"] for s in SCHEMES]
+                ys = [fit(g, model, s, kvd, 1024, batch)["max_context"]
+                      if serving_path(s, g).ok else None for s in SCHEMES]
                 groups[lab].append(len(fig.data))
                 fig.add_trace(go.Scatter(
-                    x=list(SCHEMES), y=[max(y, 1) for y in ys], mode="lines+markers",
-                    name=g.name, marker_color=c[i % 10], customdata=ys,
+                    x=list(SCHEMES), y=[None if y is None else max(y, 1) for y in ys],
+                    mode="lines+markers", name=g.name, marker_color=c[i % 10], customdata=ys,
                     line_dash=("solid", "dot")[i % 2],  # A100 and H100 share a line
                     hovertemplate=g.name + ": %{customdata:,} tokens<extra></extra>"))
     title = lambda lab: f"Longest context per sequence at batch {batch}: {lab}"
@@ -79,7 +101,7 @@ def max_context_figure(models, batch: int, gpus=None) -> go.Figure:
 def cost_figure(measured: dict, budgets=(0.1, 0.5, 1, 2, 5, 10)) -> go.Figure:
     """measured: measure_costs() output. Perplexity increase (%) against bits per weight; a
     slider moves the budget and colors each scheme within it (green) or over it (red)."""
-    rows = measured["rows"]
+    rows, src = measured["rows"], measured.get("source", "stdlib-llama").split(",")[0]
     names = list(rows)
     x = [rows[n]["bits_per_weight"] for n in names]
     y = [rows[n]["ppl_increase_pct"] for n in names]
@@ -94,12 +116,12 @@ def cost_figure(measured: dict, budgets=(0.1, 0.5, 1, 2, 5, 10)) -> go.Figure:
             hovertemplate="%{text}: %{x:.3f} bits/weight, %{y:+.2f}%<extra></extra>"))
     steps = [dict(method="update", label=f"{b:g}%", args=[
         {"visible": [j == i for j in range(len(budgets))]},
-        {"title.text": f"Measured cost on stdlib-llama; budget {b:g}% (green: within)",
+        {"title.text": f"Measured cost on {src}; budget {b:g}% (green: within)",
          "shapes": [dict(type="line", xref="paper", x0=0, x1=1, y0=b, y1=b,
                          line=dict(dash="dot", color="#666"))]}])
         for i, b in enumerate(budgets)]
-    fig.update_layout(title=f"Measured cost on stdlib-llama; budget {budgets[0]:g}% (green: "
-                      "within)", template="plotly_white", height=480,
+    fig.update_layout(title=f"Measured cost on {src}; budget {budgets[0]:g}% (green: within)",
+                      template="plotly_white", height=480,
                       xaxis_title="bits per weight (scales included)",
                       yaxis_title="perplexity increase (%)",
                       shapes=[dict(type="line", xref="paper", x0=0, x1=1, y0=budgets[0],
@@ -107,6 +129,10 @@ def cost_figure(measured: dict, budgets=(0.1, 0.5, 1, 2, 5, 10)) -> go.Figure:
                       sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="budget: "),
                                     pad=dict(t=50))])
     return fig
+
+
+KV_SHORT = {"auto": "bf16", "int8_per_token_head": "int8/token-head",
+            "fp8_per_token_head": "fp8/token-head"}  # heatmap cells are narrow
 
 
 def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Figure:
@@ -122,7 +148,8 @@ def grid_figure(models, contexts, budgets, costs, batch=1, grids=None) -> go.Fig
             gpus = list(dict.fromkeys(r["gpu"] for r in rows))
             at = {(r["gpu"], r["context"]): r for r in rows}
             z = [[code[at[g, c]["format"]] for c in contexts] for g in gpus]
-            text = [[f"{at[g, c]['format']}<br>KV {at[g, c]['kv']}" for c in contexts]
+            text = [[f"{at[g, c]['format']}<br>KV {KV_SHORT.get(at[g, c]['kv'], at[g, c]['kv'])}"
+                     for c in contexts]
                     for g in gpus]
             groups[f"{get_model(model).name}, budget {b:g}%"] = [len(fig.data)]
             fig.add_trace(go.Heatmap(

@@ -6,7 +6,7 @@ import html
 
 import ipywidgets as W
 
-from quantlab.studies.deploy import GPUS, MODELS, recommend
+from quantlab.studies.deploy import GPUS, MODELS, TOY_SOURCE, recommend
 from quantlab.viz.deploy import memory_figure
 from quantlab.widgets._common import _show
 
@@ -16,9 +16,10 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BUDGETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def recommend_panel(costs: dict[str, float]) -> W.VBox:
+def recommend_panel(costs: dict[str, float], cost_source: str = TOY_SOURCE) -> W.VBox:
     """GPU, model, context, batch and budget -> quantlab.studies.deploy.recommend's choice, its
-    reasons and the memory bars of the choice. costs: {scheme: %} (deploy.measure_costs rows)."""
+    reasons, the commands and the memory bars of the choice. costs: {scheme: %}
+    (deploy.measure_costs rows), measured on cost_source (its "source")."""
     gpu = W.Dropdown(options=list(GPUS), value="H100", description="GPU")
     model = W.Dropdown(options=list(MODELS), value="Llama-3-8B", description="model")
     ctx = W.SelectionSlider(options=list(CONTEXTS), value=8192, description="context")
@@ -27,7 +28,8 @@ def recommend_panel(costs: dict[str, float]) -> W.VBox:
     text, out = W.HTML(), W.Output()
 
     def redraw(*_):
-        r = recommend(gpu.value, model.value, ctx.value, batch.value, budget.value, costs=costs)
+        r = recommend(gpu.value, model.value, ctx.value, batch.value, budget.value, costs=costs,
+                      cost_source=cost_source)
         head = f"<b>{r.weight_scheme or 'nothing fits'}</b>" + (
             f", --kv-cache-dtype <b>{r.kv_cache_dtype}</b>" if r.kv_cache_dtype else "")
         text.value = (head + "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in r.reasons)
