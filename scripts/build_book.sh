@@ -3,7 +3,7 @@
 #   scripts/build_book.sh            # uses the python on PATH (make book passes .venv's)
 #   PYTHON=.venv/bin/python scripts/build_book.sh
 # Stages book/ and notebooks/*.md into book/_build/src (Sphinx reads one source folder), copies
-# plotly.min.js from the installed plotly package into _static (no CDN), then runs jupyter-book.
+# plotly.min.js and MathJax from installed packages into _static (no CDN), then runs jupyter-book.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -13,11 +13,19 @@ rm -rf "$SRC" book/_build/html
 mkdir -p "$SRC/notebooks" "$SRC/_static"
 cp book/_config.yml book/_toc.yml book/*.md "$SRC/"
 cp notebooks/[0-9][0-9]-*.md "$SRC/notebooks/"
-"$PYTHON" - "$SRC/_static" <<'PY'
-import os, shutil, sys
+"$PYTHON" - "$SRC" <<'PY'
+import importlib.metadata, os, shutil, sys
 import plotly
 shutil.copy(os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js"),
-            sys.argv[1])
+            os.path.join(sys.argv[1], "_static"))
+# MathJax 3.2.2 (the files of npm's mathjax@3.2.2 es5/) for book/_config.yml's mathjax_path, in
+# html_extra_path (_extra), which Sphinx copies into the site as they are.
+try:
+    dist = importlib.metadata.distribution("sphinx-mathjax-offline")
+except importlib.metadata.PackageNotFoundError:
+    sys.exit("book: sphinx-mathjax-offline is missing (MathJax for the formulas): make install")
+shutil.copytree(dist.locate_file("sphinx-mathjax-offline/static/mathjax"),
+                os.path.join(sys.argv[1], "_extra", "_static", "mathjax"))
 PY
 # The kernels import this checkout's quantlab even without `pip install -e .`.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
