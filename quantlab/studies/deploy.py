@@ -510,6 +510,12 @@ def effective_cost(pct: float) -> float:
     return 0.0 if abs(pct) < NOISE_PCT else pct
 
 
+def within_budget(pct: float, budget: float) -> bool:
+    """Whether a measured cost (%) is within the budget (%): it is over only when it exceeds the
+    budget by NOISE_PCT or more, so that noise never decides at the edge either."""
+    return effective_cost(pct) < budget + NOISE_PCT
+
+
 # ------------------------------------------------------------------------------ recommending
 
 MEMORY_BOUND_BATCH = 32  # [marlin]: weight-only 4-bit keeps its speedup up to batch 16-32
@@ -586,9 +592,9 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
     """Weight scheme and --kv-cache-dtype for one GPU, a model, batch sequences of context_len
     tokens and an accuracy budget (perplexity increase in %). costs: {scheme: measured
     perplexity increase %} (measure_costs), measured on cost_source; schemes missing from it
-    are skipped. kv: {kv dtype: %} (default kv_costs()). Costs only check the budget (changes
-    inside NOISE_PCT count as 0); the order is preference()'s. model_dir: the model's local HF
-    directory, for the export command (None: a placeholder)."""
+    are skipped. kv: {kv dtype: %} (default kv_costs()). Costs only check the budget
+    (within_budget: noise never decides); the order is preference()'s. model_dir: the model's
+    local HF directory, for the export command (None: a placeholder)."""
     g, m = get_gpu(gpu), get_model(model)
     _check(context_len, batch, accuracy_budget, gpu_util)
     kv = kv_costs() if kv is None else kv
@@ -621,11 +627,12 @@ def recommend(gpu: str | GPU, model: str | ModelShape, context_len: int, batch: 
             row["status"] = "no accuracy measurement given"
             continue
         cw = effective_cost(costs[scheme])
-        if cw > accuracy_budget:
-            row["status"] = f"costs {costs[scheme]:.2f}% > budget {accuracy_budget:g}%"
+        if not within_budget(cw, accuracy_budget):
+            row["status"] = (f"costs {costs[scheme]:.2f}% > budget {accuracy_budget:g}% "
+                             f"+ {NOISE_PCT}% noise")
             continue
         allowed = [k for k in KV_CHOICES if k in kv  # auto always
-                   and cw + effective_cost(kv[k]) <= accuracy_budget]
+                   and within_budget(cw + effective_cost(kv[k]), accuracy_budget)]
         fits = {k: fit(g, m, scheme, k, context_len, batch, gpu_util) for k in allowed}
         ok = [k for k in allowed if fits[k]["fits"]]
         if not ok:
@@ -684,19 +691,21 @@ def _why(g, m, scheme, kvd, f, cost, costs, kv, context_len, batch, budget, gpu_
             kv_line += (" Our KV measurement used 512-token windows; quantized KV accuracy at "
                         "long context is reported to vary (vllm-project/vllm#23813): check it.")
     out.append(kv_line)
-    out.append(f"Total cost {cost:.2f}% <= budget {budget:g}%. vLLM also keeps activation "
-               "memory (profiled at startup): leave a few GB of headroom.")
+    out.append(f"Total cost {cost:.2f}%, within the {budget:g}% budget (over it means by "
+               f"{NOISE_PCT}% or more). vLLM also keeps activation memory (profiled at "
+               "startup): leave a few GB of headroom.")
     return out
 
 
 def _nothing_fits(g, m, context_len, batch, budget, costs, kv, gpu_util) -> str:
     ok = [f for f in preference(g, batch) if serving_path(f, g).ok and f in costs
-          and effective_cost(costs[f]) <= budget and not (f == "nvfp4" and not g.fp4)]
+          and within_budget(costs[f], budget) and not (f == "nvfp4" and not g.fp4)]
     if not ok:
         return f"No format vLLM serves on the {g.name} is within the {budget:g}% budget."
     best = max(((f, kvd, fit(g, m, f, kvd, context_len, batch, gpu_util)) for f in ok
                 for kvd in KV_CHOICES
-                if kvd in kv and effective_cost(costs[f]) + effective_cost(kv[kvd]) <= budget),
+                if kvd in kv
+                and within_budget(effective_cost(costs[f]) + effective_cost(kv[kvd]), budget)),
                key=lambda t: (t[2]["max_batch"], -t[2]["weights_gb"]))
     f, kvd, r = best
     if r["max_batch"] == 0:

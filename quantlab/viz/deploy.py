@@ -13,7 +13,6 @@ from quantlab.studies.deploy import (
     GB,
     SCHEMES,
     VLLM_MIN_SM,
-    effective_cost,
     fit,
     get_gpus,
     get_model,
@@ -21,6 +20,7 @@ from quantlab.studies.deploy import (
     recommendation_grid,
     serving_path,
     weight_bytes,
+    within_budget,
 )
 from quantlab.viz.book import COLORS, dropdown
 
@@ -107,7 +107,7 @@ def cost_figure(measured: dict, budgets=(0.1, 0.5, 1, 2, 5, 10)) -> go.Figure:
     y = [rows[n]["ppl_increase_pct"] for n in names]
     fig = go.Figure()
     for b in budgets:
-        ok = [effective_cost(v) <= b for v in y]
+        ok = [within_budget(v, b) for v in y]
         fig.add_trace(go.Scatter(
             x=x, y=y, mode="markers+text", text=names,
             textposition=[("top center", "bottom center")[i % 2] for i in range(len(names))],
