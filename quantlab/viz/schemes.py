@@ -56,35 +56,81 @@ def error_histogram_slider(w: torch.Tensor, rows: list[dict], bins: int = 121,
     return fig
 
 
+# Label placement for scatter plots: the plot area of a 520-px-high figure in a ~1000-px page,
+# and the size of 10-px text, in pixels (plotly places text in pixels, the data in axis units).
+_PLOT_PX, _CHAR_PX, _LINE_PX = (760.0, 380.0), 6.2, 14.0
+_SPOTS = {  # plotly textposition -> the label's lower-left corner for a point at px, py (y up)
+    "middle right": lambda px, py, w, h: (px + 8, py - h / 2),
+    "middle left": lambda px, py, w, h: (px - 8 - w, py - h / 2),
+    "top center": lambda px, py, w, h: (px - w / 2, py + 7),
+    "bottom center": lambda px, py, w, h: (px - w / 2, py - 7 - h),
+    "top right": lambda px, py, w, h: (px + 5, py + 5),
+    "bottom left": lambda px, py, w, h: (px - 5 - w, py - 5 - h)}
+
+
+def _place_labels(xs: list, ys: list, names: list[str], xr: tuple, yr: tuple) -> list:
+    """A plotly textposition per point (None: no room, the name shows on hover only) so that no
+    label overlaps another label or a marker in the view x in xr, y in yr; points placed from
+    the top down, each at the first free spot of _SPOTS."""
+    sx, sy = _PLOT_PX[0] / (xr[1] - xr[0]), _PLOT_PX[1] / (yr[1] - yr[0])
+    pts = [((x - xr[0]) * sx, (y - yr[0]) * sy) for x, y in zip(xs, ys, strict=True)]
+    taken = [(px - 6, py - 6, px + 6, py + 6) for px, py in pts]  # the markers
+    hit = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    out = [None] * len(pts)
+    for i in sorted(range(len(pts)), key=lambda i: -ys[i]):
+        (px, py), w, h = pts[i], len(names[i]) * _CHAR_PX, _LINE_PX
+        if not (0 <= px <= _PLOT_PX[0] and 0 <= py <= _PLOT_PX[1]):
+            continue
+        for pos, spot in _SPOTS.items():
+            x0, y0 = spot(px, py, w, h)
+            box = (x0, y0, x0 + w, y0 + h)
+            inside = x0 >= 0 and y0 >= 0 and box[2] <= _PLOT_PX[0] and box[3] <= _PLOT_PX[1]
+            if inside and not any(hit(box, t) for j, t in enumerate(taken) if j != i):
+                out[i] = pos
+                taken.append(box)
+                break
+    return out
+
+
 def sqnr_vs_bits_figure(rows: list[dict], title: str = "SQNR against bits per weight",
                         zooms: dict | None = None) -> go.Figure:
-    """rows with scheme, bits_per_weight, sqnr_db (and optional family): one labelled point per
-    row, colored by family. zooms: button label -> (x range, y range), shown as a dropdown
-    after an "all" entry, for crowded clusters."""
+    """rows with scheme, bits_per_weight, sqnr_db (and optional family): one point per row,
+    colored by family, named on hover and, where there is room, by a label that overlaps no
+    other. zooms: button label -> (x range, y range), shown as a dropdown after an "all" entry,
+    for crowded clusters; each view labels the points it has room for."""
     fig = go.Figure()
     families = list(dict.fromkeys(r.get("family", "") for r in rows))
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["bits_per_weight"],
-                                                    rows[i]["sqnr_db"]))
-    where = {i: ("top center", "bottom center", "middle right")[k % 3]
-             for k, i in enumerate(order)}
-    for i, fam in enumerate(families):
-        idx = [j for j, r in enumerate(rows) if r.get("family", "") == fam]
-        sel = [rows[j] for j in idx]
+    groups = [[j for j, r in enumerate(rows) if r.get("family", "") == fam] for fam in families]
+    xs, ys = [r["bits_per_weight"] for r in rows], [r["sqnr_db"] for r in rows]
+    names = [r["scheme"] for r in rows]
+    pad = lambda v: (min(v) - 0.08 * (max(v) - min(v) or 1), max(v) + 0.08 * (max(v) - min(v) or 1))
+    views = {"all": (pad(xs), pad(ys)), **(zooms or {})}
+
+    def labels(xr, yr):  # per trace: the label texts and their positions in this view
+        pos = _place_labels(xs, ys, names, xr, yr)
+        return ([[names[j] if pos[j] else "" for j in idx] for idx in groups],
+                [[pos[j] or "middle right" for j in idx] for idx in groups])
+
+    text, where = labels(*views["all"])
+    for i, (fam, idx) in enumerate(zip(families, groups, strict=True)):
         fig.add_trace(go.Scatter(
-            x=[r["bits_per_weight"] for r in sel], y=[r["sqnr_db"] for r in sel],
-            mode="markers+text", text=[r["scheme"] for r in sel],
-            textposition=[where[j] for j in idx],
+            x=[xs[j] for j in idx], y=[ys[j] for j in idx], mode="markers+text", text=text[i],
+            textposition=where[i], customdata=[names[j] for j in idx],
             name=fam or "schemes", marker=dict(size=10, color=COLORS[i % 10]),
             textfont=dict(size=10),
-            hovertemplate="%{text}<br>%{x:.3f} bits/weight<br>SQNR %{y:.2f} dB<extra></extra>"))
+            hovertemplate="%{customdata}<br>%{x:.3f} bits/weight<br>SQNR %{y:.2f} dB"
+                          "<extra></extra>"))
     fig.update_layout(title=title, template="plotly_white", height=520,
-                      xaxis_title="bits per weight (scales included)", yaxis_title="SQNR (dB)")
+                      xaxis=dict(range=list(views["all"][0]),
+                                 title="bits per weight (scales included)"),
+                      yaxis=dict(range=list(views["all"][1]), title="SQNR (dB)"))
     if zooms:
-        buttons = [dict(label="all", method="relayout",
-                        args=[{"xaxis.autorange": True, "yaxis.autorange": True}])]
-        buttons += [dict(label=lab, method="relayout",
-                         args=[{"xaxis.range": list(xr), "yaxis.range": list(yr)}])
-                    for lab, (xr, yr) in zooms.items()]
+        buttons = []
+        for lab, (xr, yr) in views.items():
+            text, where = labels(xr, yr)
+            buttons.append(dict(label=lab, method="update",
+                                args=[{"text": text, "textposition": where},
+                                      {"xaxis.range": list(xr), "yaxis.range": list(yr)}]))
         fig.update_layout(updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.12,
                                             yanchor="bottom")])
     return fig
