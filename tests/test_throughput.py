@@ -112,3 +112,22 @@ def test_fused_projections_are_the_same_model():
                        torch.cat([p.qweight.dequantize() for p in parts]))
     with pytest.raises(TypeError, match="fuse before quantize_model"):
         fuse_projections(q)
+
+
+def test_static_scales_of_a_fused_model_equal_the_unfused_ones():
+    import copy
+
+    from quantlab.algorithms import calibration
+    from quantlab.schemes import get_scheme
+    from quantlab.throughput import fuse_projections, static_act_scales
+
+    model = build_model("stdlib", layers=2, device="cpu", dtype=torch.float32)
+    scheme, calib = get_scheme("fp8_per_tensor"), (torch.arange(64) * 37 % 4096).reshape(2, 32)
+    want = calibration.static_act_scales(model, scheme, calib)
+    got = static_act_scales(fuse_projections(copy.deepcopy(model)), scheme, calib)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        torch.testing.assert_close(got[p + "self_attn.qkv_proj"], want[p + "self_attn.q_proj"])
+        torch.testing.assert_close(got[p + "mlp.gate_up_proj"], want[p + "mlp.up_proj"])
+        torch.testing.assert_close(got[p + "mlp.down_proj"], want[p + "mlp.down_proj"])
+    assert static_act_scales(model, get_scheme("fp8_dynamic"), calib) == {}
