@@ -14,6 +14,7 @@ from torch import Tensor
 from quantlab.formats import get_format
 from quantlab.studies.fp8 import code_regions, static_sweep
 from quantlab.viz.book import COLORS, dropdown, rounded
+from quantlab.viz.formats import log_axis
 from quantlab.viz.kernels import kernel_shapes_figure
 
 
@@ -79,7 +80,8 @@ def static_scale_slider(x: Tensor, scale: float, exponents: list[int], fmt: str 
         tr.visible = j == start
     fig.update_layout(title=labels[start], template="plotly_white", height=460, bargap=0,
                       xaxis_title=f"log2(|x| / scale): where the values land among {fmt}'s codes",
-                      yaxis_title="values (log)", yaxis_type="log", xaxis_range=[lo, hi],
+                      yaxis_title="values (log)", yaxis_type="log", yaxis_dtick=1,  # 10^k only
+                      xaxis_range=[lo, hi],
                       sliders=[dict(active=start, steps=steps, pad=dict(t=50),
                                     currentvalue=dict(prefix="static scale multiplier: "))])
     return fig
@@ -169,7 +171,7 @@ def format_window_figure(tensors: dict[str, Tensor], formats: tuple[str, ...] = 
     dropdown(fig, groups, title_of=title)
     fig.update_layout(template="plotly_white", height=520,
                       bargap=0)
-    fig.update_yaxes(title_text="values (log)", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="values (log)", type="log", dtick=1, row=1, col=1)  # 10^k only
     fig.update_xaxes(title_text="log2(|value| / amax)", range=[lo, 0.5], row=2, col=1)
     return fig
 
@@ -190,11 +192,14 @@ def model_metrics_figure(rows: list[dict], baseline_ppl: float) -> go.Figure:
     title = lambda lab: f"stdlib-llama with FP8 layers: {lab} against the float model"
     log = all(y > 0 for ys in metrics.values() for y in ys)  # one bad config dwarfs the rest
     axis = lambda lab: lab + (" (log)" if log else "")
-    dropdown(fig, groups, title_of=title,
-              extra={lab: {"yaxis.title.text": axis(lab)} for lab in metrics})
+    # log axes labelled on clean values only (plotly's own labels on a short one read 5 6 7 ..)
+    ticks = {lab: log_axis(min(ys), max(ys)) if log else {} for lab, ys in metrics.items()}
+    extra = {lab: {"yaxis.title.text": axis(lab), **{f"yaxis.{k}": v for k, v in t.items()}}
+             for lab, t in ticks.items()}
+    dropdown(fig, groups, title_of=title, extra=extra)
     fig.update_layout(title=title("perplexity increase"), template="plotly_white", height=480,
-                      yaxis_title=axis("perplexity increase"), yaxis_type="log" if log else None,
-                      showlegend=False)
+                      yaxis_title=axis("perplexity increase"), showlegend=False)
+    fig.update_yaxes(**ticks["perplexity increase"])
     return fig
 
 
