@@ -32,7 +32,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Small tensors: one thread per kernel is as fast alone and much faster on a loaded machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "book: build starts $(date +%T)"
-"$PYTHON" -c "from jupyter_book.cli.main import main; main()" build "$SRC" --path-output book/_build/out --warningiserror --keep-going
+# The log keeps myst-nb's "Executed notebook in N seconds" per chapter (book/agenda.md's timings).
+"$PYTHON" -c "from jupyter_book.cli.main import main; main()" build "$SRC" --path-output book/_build/out --warningiserror --keep-going 2>&1 | tee book/_build/build.log
 rm -rf book/_build/html
 mv book/_build/out/_build/html book/_build/html
 echo "book: built $(date +%T): $ROOT/book/_build/html/index.html"
