@@ -5,7 +5,8 @@
 #   make test-gpu  the kernel tests compiled on a CUDA GPU, and the GPU-only tests
 #   make lab       JupyterLab on the chapters in notebooks/
 #   make book      build the Jupyter Book offline into book/_build/html
-#   make book-check  open every book page in headless Chromium (apt-get install chromium)
+#   make book-check  build, then check every book page in headless Chromium (apt-get install
+#                  chromium): figures, sliders, formulas; full-page shots in book/_build/shots
 #   make lock      regenerate requirements.lock (UPGRADE=1: move every pin to its newest release)
 PYTHON ?= python3
 VENV ?= .venv
