@@ -247,3 +247,42 @@ def layer_roofline_figure(bench: dict, scheme: str, N: int, K: int, M: int,
     h = bench["header"]
     fig.update_layout(title=f"{scheme}, N={N}, K={K} on {h['device']} ({h['date']})")
     return fig
+
+
+def _ratios(rows: list[dict], num: str, den: str, keep) -> list[float]:
+    """num's time / den's time on every (model, layer, M) both have and keep(M) accepts."""
+    t = {k: {(r["model"], r["layer"], r["M"]): r["ms"] for r in rows if r["kernel"] == k}
+         for k in (num, den)}
+    return [t[num][key] / t[den][key] for key in t[den] if key in t[num] and keep(key[2])]
+
+
+def kernel_summary(bench: dict) -> dict:
+    """The numbers chapter 8 quotes from a data/bench/kernels-*.json, over every model-layer
+    shape: speed ratios (peer time / ours; above 1: ours faster) as (min, max) or sorted lists,
+    our best fraction of the floor at M <= 16, and gemlite's (None when the file has none)."""
+    rows = [r for r in bench["rows"] if "ms" in r and r.get("model")]
+    span = lambda v: (min(v), max(v)) if v else None
+    out = {
+        "w4_floor_frac": max(r["floor_frac"] for r in rows
+                             if r["kernel"] == "ours_w4a16" and r["M"] <= 16),
+        "vs_cublas_m1": span(_ratios(rows, "cublas_bf16", "ours_w4a16", lambda m: m == 1)),
+        "vs_int4pack_m4": span(_ratios(rows, "aten_int4pack", "ours_w4a16", lambda m: m <= 4)),
+        "vs_int4pack_m16": span(_ratios(rows, "aten_int4pack", "ours_w4a16",
+                                        lambda m: m >= 16)),
+        "vs_int4pack_m4096": span(_ratios(rows, "aten_int4pack", "ours_w4a16",
+                                          lambda m: m == 4096)),
+        "vs_cublas_m4096": span(_ratios(rows, "cublas_bf16", "ours_w4a16",
+                                        lambda m: m == 4096)),
+        "vs_cublas_mid": span(_ratios(rows, "cublas_bf16", "ours_w4a16",
+                                      lambda m: 64 <= m <= 1024)),
+        "fp8": {s: sorted(_ratios(rows, f"scaled_mm_{s}", f"ours_fp8_{s}", lambda m: m >= 256))
+                for s in ("tensor", "row", "block")},
+        "gemlite": None,
+    }
+    if any(r["kernel"] == "gemlite_w4a16" for r in rows):
+        err = lambda k: [r["rel_err"] for r in rows if r["kernel"] == k and r["M"] == 1]
+        out["gemlite"] = {"vs_ours_m1": span(_ratios(rows, "ours_w4a16", "gemlite_w4a16",
+                                                     lambda m: m == 1)),
+                          "rel_err_m1": span(err("gemlite_w4a16")),
+                          "ours_rel_err_m1": span(err("ours_w4a16"))}
+    return out
