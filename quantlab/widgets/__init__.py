@@ -18,8 +18,9 @@ from quantlab.widgets.kernels import roofline_panel
 from quantlab.widgets.kv import kv_panel
 from quantlab.widgets.layer import quantize_panel, tensor_scheme
 from quantlab.widgets.numbers import BIT_FORMATS, bit_explorer
+from quantlab.widgets.outliers import outlier_panel
 from quantlab.widgets.shipping import shipping_panel
 
 __all__ = ["BIT_FORMATS", "FP4_FLAVOURS", "bit_explorer", "fp4_panel", "fp4_scheme", "gptq_panel",
-           "kv_panel", "quantize_panel", "recommend_panel", "roofline_panel", "shipping_panel",
-           "static_scale_panel", "tensor_scheme"]
+           "kv_panel", "outlier_panel", "quantize_panel", "recommend_panel", "roofline_panel",
+           "shipping_panel", "static_scale_panel", "tensor_scheme"]
