@@ -74,3 +74,23 @@ def test_roofline_panel_redraws():
     assert out.outputs[0]["data"]["application/vnd.plotly.v1+json"] != fig_before
     n.value = 1000  # a shape the file does not have
     assert "not measured" in text.value
+
+
+def test_kernel_summary_ratios():
+    from quantlab.viz.kernels import kernel_summary
+
+    def row(kernel, M, ms, **kw):
+        return {"kernel": kernel, "M": M, "ms": ms, "model": "8b", "layer": "o", **kw}
+
+    rows = [row("ours_w4a16", 1, 1.0, floor_frac=0.5), row("cublas_bf16", 1, 2.0),
+            row("aten_int4pack", 1, 0.8), row("ours_w4a16", 4096, 3.0, floor_frac=0.9),
+            row("cublas_bf16", 4096, 2.4), row("aten_int4pack", 4096, 60.0),
+            row("ours_fp8_row", 256, 1.0), row("scaled_mm_row", 256, 0.9)]
+    s = kernel_summary({"rows": rows})
+    assert s["vs_cublas_m1"] == (2.0, 2.0) and s["vs_int4pack_m4"] == pytest.approx((0.8, 0.8))
+    assert s["vs_cublas_m4096"] == pytest.approx((0.8, 0.8))
+    assert s["vs_int4pack_m4096"] == (20.0, 20.0)
+    assert s["w4_floor_frac"] == 0.5  # M <= 16 only
+    assert s["fp8"]["row"] == [pytest.approx(0.9)] and s["fp8"]["block"] == []
+    assert s["gemlite"] is None
+    assert s["vs_cublas_mid"] is None  # no M in 64..1024
