@@ -66,6 +66,12 @@ def main() -> int:
     from quantlab.sequential import export_sequential
 
     root = Path(tempfile.mkdtemp(prefix="quantlab-gptq-", dir=args.tmp))
+
+    def report():  # after every phase, so a run cut short keeps what it measured
+        report()
+        if args.json:
+            Path(args.json).write_text(json.dumps(row, indent=1))
+
     row = {"scheme": args.scheme, "algorithm": "gptq", "layers": args.layers,
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "calib_tokens": args.calib_tokens}
@@ -75,7 +81,7 @@ def main() -> int:
         size = st.write_checkpoint(ckpt, st.llama_config(st_args, args.layers))
         row["checkpoint_gb"] = round(size / 1e9, 2)
         row["write_s"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(row), flush=True)
+        report()
         calib = calibration_ids(args.calib_tokens, st_args.vocab)
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -85,17 +91,15 @@ def main() -> int:
         row["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
         row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
         row["out_gb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 2)
-        print(json.dumps(row), flush=True)
+        report()
         rc, wall, rss, tail = st.measured([sys.executable, "-m", "quantlab.cli", "audit", str(out)])
         row["audit"] = f"rc={rc} {wall:.0f} s {rss:.2f} GB: {tail.strip().splitlines()[-1]}"
-        print(json.dumps(row), flush=True)
+        report()
         if not args.no_load:
             row["load"] = st.load_check(out)
-        print(json.dumps(row), flush=True)
+        report()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=1))
     return 0
 
 
