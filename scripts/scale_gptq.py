@@ -68,7 +68,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="quantlab-gptq-", dir=args.tmp))
 
     def report():  # after every phase, so a run cut short keeps what it measured
-        report()
+        print(json.dumps(row), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(row, indent=1))
 
