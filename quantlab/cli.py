@@ -33,12 +33,27 @@ def _schemes(arg: str | None) -> list[Scheme]:
     return [get_scheme(s) for s in _scheme_names(arg)]
 
 
+def algorithm_list(text: str) -> str:
+    """An argparse type for --algorithms: a non-empty comma-separated list of known names, checked
+    before the model loads (not minutes later)."""
+    from quantlab.compare import ALGORITHMS
+
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"is empty; name algorithms (e.g. rtn,gptq) from "
+                                         f"{', '.join(ALGORITHMS)}, or leave it out for rtn")
+    if unknown := [a for a in names if a not in ALGORITHMS]:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; pick from "
+                                         f"{', '.join(ALGORITHMS)}")
+    return text
+
+
 def cmd_compare(args) -> int:
     from quantlab import compare as cmp
     from quantlab import models, viz
 
     schemes = _schemes(args.schemes)
-    algorithms = args.algorithms.split(",")
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     model, tok = models.load_causal_lm(args.model)
     label = args.model or f"embedded {models.EMBEDDED_LM}"
     from quantlab.io.cli import read_text_file
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
     c.add_argument("--schemes", type=scheme_list,
                    help=f"comma-separated subset of: {', '.join(PRESETS)}")
-    c.add_argument("--algorithms", default="rtn",
+    c.add_argument("--algorithms", default="rtn", type=algorithm_list,
                    help="comma-separated subset of rtn, gptq, awq, smoothquant, quarot")
     c.add_argument("--eval-tokens", type=at_least(1), default=8192)
     c.add_argument("--seq-len", type=at_least(2), default=256,

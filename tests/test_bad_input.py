@@ -419,6 +419,8 @@ def test_audit_reports_unsupported_gguf_type(tmp_path):
     ("weights --source gaussian --size 0", "--size.*too small"),
     ("weights --source gaussian --model some/dir", "--model applies to --source model"),
     ("export --scheme w4a16 --out x --calib-tokens 0", "--calib-tokens.*too small"),
+    ("compare --algorithms ''", "--algorithms: is empty"),
+    ("compare --algorithms rtn,gtpq", "--algorithms: unknown 'gtpq'"),
 ], ids=lambda v: v if " " in v else "")
 def test_cli_flags(argv, words, capsys):
     import re
@@ -699,3 +701,14 @@ def test_audit_sniffs_magic_without_reading_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(FileNotFoundError, match="neither a compressed-tensors directory"):
         audit(big)
+
+
+def test_missing_shard_named_not_dropped(tmp_path):
+    from quantlab.io import read_safetensors_dir
+
+    entry = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    _raw_safetensors(tmp_path / "model-00001-of-00002.safetensors", entry)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"lacks: \['model-00002-of-00002.safetensors'\]"):
+        read_safetensors_dir(tmp_path)

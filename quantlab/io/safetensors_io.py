@@ -112,6 +112,13 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, Tensor]:
         hint = (f" It holds {pickles}: pickle files, which quantlab never loads because they can "
                 "run code; convert them to safetensors first.") if pickles else ""
         raise FileNotFoundError(f"{path} holds no .safetensors file.{hint}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # a shard the index names but the folder lacks would drop its tensors
+        named = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        if missing := sorted(n for n in named if not (path / n).is_file()):
+            raise FileNotFoundError(f"{path}: model.safetensors.index.json names shards the "
+                                    f"folder lacks: {missing}; the download or copy is "
+                                    "incomplete: fetch them again")
     out: dict[str, Tensor] = {}
     for f in files:
         for name, t in read_safetensors(f).items():
