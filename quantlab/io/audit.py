@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from quantlab.eval import sqnr_db
 from quantlab.quantize import QuantizedTensor, dequantize
 from quantlab.scales import GGUF_Q4_0
 
@@ -81,70 +80,97 @@ def _check_scale_values(q: QuantizedTensor) -> list[str]:
     return problems
 
 
-def _check_scale(name: str, q: QuantizedTensor, deq: Tensor, ref: Tensor | None) -> list[str]:
+@dataclass(frozen=True)
+class _Stats:
+    """What the audit asks of (checkpoint values, reference): sums in float64 over row chunks,
+    so no float32 copy of a whole (maybe 128256 x 4096) tensor is made beyond the two given."""
+
+    amax: float  # max |approx|
+    sqnr_db: float | None  # 10 log10(sum ref^2 / sum (ref - approx)^2)
+    max_abs_error: float | None
+    rms_ratio: float | None  # rms(approx) / rms(ref)
+
+
+def _stats(name: str, approx: Tensor, ref: Tensor | None, rows: int = 2**24) -> _Stats:
+    """approx (N, K) and ref (N, K) of any float dtype; chunks of about `rows` elements."""
+    if ref is not None and tuple(ref.shape) != tuple(approx.shape):
+        raise ValueError(f"{name}: the reference weight has shape {tuple(ref.shape)} but the "
+                         f"checkpoint's is {tuple(approx.shape)}; is it the same model?")
+    step = max(1, rows // max(1, approx[0].numel())) if approx.ndim > 1 else len(approx)
+    amax = err = 0.0
+    sig = noise = power = 0.0
+    for i in range(0, len(approx), step):
+        a = approx[i:i + step].float()
+        amax = max(amax, float(a.abs().max()) if a.numel() else 0.0)
+        if ref is None:
+            continue
+        r = ref[i:i + step].float()
+        d = r - a
+        err = max(err, float(d.abs().max()) if d.numel() else 0.0)
+        sig += float(torch.sum(r * r, dtype=torch.float64))
+        noise += float(torch.sum(d * d, dtype=torch.float64))
+        power += float(torch.sum(a * a, dtype=torch.float64))
+    if ref is None:
+        return _Stats(amax, None, None, None)
+    db = math.inf if noise == 0 else -math.inf if sig == 0 else 10 * math.log10(sig / noise)
+    return _Stats(amax, db, err, math.sqrt(power) / max(math.sqrt(sig), 1e-30))
+
+
+def _check_scale(q: QuantizedTensor, st: _Stats) -> list[str]:
     problems = _check_scale_values(q)
     if problems:
         return problems
-    amax = float(deq.abs().max())
-    if q.global_scale is not None and amax > PLAUSIBLE_WEIGHT_MAX:
-        inv_amax = amax / float(q.global_scale) ** 2
+    if q.global_scale is not None and st.amax > PLAUSIBLE_WEIGHT_MAX:
+        inv_amax = st.amax / float(q.global_scale) ** 2
         problems.append(
-            f"NVFP4 global scale looks inverted: dequantized |w| reaches {amax:.3g}; "
+            f"NVFP4 global scale looks inverted: dequantized |w| reaches {st.amax:.3g}; "
             f"with the reciprocal global scale it would reach {inv_amax:.3g}. compressed-tensors "
             "divides by weight_global_scale = 448*6/amax; ModelOpt multiplies by weight_scale_2 "
             "= amax/(448*6): store the reciprocal")
-    if ref is not None:
-        r = float(deq.float().pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt().clamp(
-            min=1e-30))
-        if not (1 / SCALE_RATIO_LIMIT <= r <= SCALE_RATIO_LIMIT):
-            problems.append(f"scale is wrong: dequantized weights are {r:.3g}x the reference's "
-                            "RMS (expected about 1)")
+    r = st.rms_ratio
+    if r is not None and not (1 / SCALE_RATIO_LIMIT <= r <= SCALE_RATIO_LIMIT):
+        problems.append(f"scale is wrong: dequantized weights are {r:.3g}x the reference's "
+                        "RMS (expected about 1)")
     return problems
 
 
-def _error(deq: Tensor, ref: Tensor | None, name: str) -> tuple[float | None, float | None]:
-    if ref is None:
-        return None, None
-    if tuple(ref.shape) != tuple(deq.shape):
-        raise ValueError(f"{name}: the reference weight has shape {tuple(ref.shape)} but the "
-                         f"checkpoint's is {tuple(deq.shape)}; is it the same model?")
-    return sqnr_db(ref.float(), deq.float()), float((ref.float() - deq.float()).abs().max())
+def _audit_one(name: str, value: QuantizedTensor | Tensor, reference, full_label) -> LayerAudit:
+    """One layer's row; reference: anything with .get("<module>.weight") (a dict, or
+    io.stream.LazyCheckpoint, which reads that one tensor)."""
+    ref = reference.get(f"{name}.weight") if reference is not None else None
+    if isinstance(value, QuantizedTensor):
+        deq = dequantize(value, torch.float32)
+        st = _stats(name, deq, ref)
+        return LayerAudit(name, "quantized", _describe(value), value.bits_per_weight,
+                          st.sqnr_db, st.max_abs_error, _check_scale(value, st))
+    status, problems = full_label(name)
+    st = _stats(name, value, ref)
+    return LayerAudit(name, status, f"{str(value.dtype).removeprefix('torch.')}",
+                      float(torch.finfo(value.dtype).bits), st.sqnr_db, st.max_abs_error,
+                      problems)
 
 
-def _audit_layers(quantized: dict[str, QuantizedTensor], full: dict[str, Tensor],
-                  ignored: set[str], reference: dict[str, Tensor] | None,
-                  full_label) -> list[LayerAudit]:
-    ref = reference or {}
-    rows = []
-    for name in sorted(set(quantized) | set(full)):
-        r = ref.get(f"{name}.weight")
-        if name in quantized:
-            q = quantized[name]
-            deq = dequantize(q, torch.float32)
-            db, err = _error(deq, r, name)
-            rows.append(LayerAudit(name, "quantized", _describe(q), q.bits_per_weight, db, err,
-                                   _check_scale(name, q, deq, r)))
-        else:
-            w = full[name]
-            status, problems = full_label(name)
-            db, err = _error(w.float(), r, name)
-            rows.append(LayerAudit(name, status, f"{str(w.dtype).removeprefix('torch.')}",
-                                   float(torch.finfo(w.dtype).bits), db, err, problems))
-    return rows
+def audit_compressed_tensors(path: str | os.PathLike, reference=None) -> AuditReport:
+    """Module by module: each module's tensors are read (memory-mapped, io.stream), decoded,
+    checked and dropped before the next, so memory peaks at about the largest tensor."""
+    from quantlab.io.compressed_tensors import (
+        _matches_target,
+        decode_module,
+        module_names,
+        read_quantization_config,
+    )
+    from quantlab.io.stream import LazyCheckpoint
 
-
-def audit_compressed_tensors(path: str | os.PathLike,
-                             reference: dict[str, Tensor] | None = None) -> AuditReport:
-    from quantlab.io.compressed_tensors import _matches_target, read_compressed_tensors
-
-    ck = read_compressed_tensors(path)
-    groups = ck.config["quantization_config"]["config_groups"]
-
-    def ignored(name: str) -> bool:
-        return any(_matches_target(name, p) and p != "Linear" for p in ck.ignore)
+    path = Path(path)
+    _, qc = read_quantization_config(path)
+    groups, ignore = qc["config_groups"], list(qc.get("ignore") or [])
+    ckpt = LazyCheckpoint(path)
+    by_module: dict[str, list[str]] = {}
+    for n in ckpt:
+        by_module.setdefault(n.rpartition(".")[0], []).append(n)
 
     def full_label(name: str):
-        if ignored(name):
+        if any(_matches_target(name, p) and p != "Linear" for p in ignore):
             return "ignored", []
         targeted = any(_matches_target(name, t) for g in groups.values()
                        for t in g.get("targets", []))
@@ -153,21 +179,27 @@ def audit_compressed_tensors(path: str | os.PathLike,
                                    "it is stored in full precision (silently unquantized)"]
         return "full precision", []
 
-    rows = _audit_layers(ck.layers, ck.full_precision, set(ck.ignore), reference, full_label)
-    for name in ck.ignore:
-        if not name.startswith("re:") and name in ck.layers:
-            row = next(r for r in rows if r.layer == name)
+    rows = []
+    for mod in module_names(ckpt):
+        names = by_module[mod]
+        local = {n[len(mod) + 1:]: t for n, t in ckpt.load(names).items()}
+        value = decode_module(mod, local, qc, path / "config.json")
+        del local
+        if value is not None:
+            rows.append(_audit_one(mod, value, reference, full_label))
+        del value
+    for row in rows:
+        if row.layer in ignore and row.status == "quantized":
             row.problems.append("listed in ignore but stored quantized")
     return AuditReport(str(path), "compressed-tensors", rows)
 
 
-def audit_gguf(path: str | os.PathLike, reference: dict[str, Tensor] | None = None
-               ) -> AuditReport:
-    from quantlab.io.gguf import read_gguf
+def audit_gguf(path: str | os.PathLike, reference=None) -> AuditReport:
+    """Tensor by tensor (io.gguf.iter_gguf reads each one's bytes when it is reached)."""
+    from quantlab.io.gguf import iter_gguf
 
-    ck = read_gguf(path)
-    full = {n: w for n, w in ck.other.items() if "embed" not in n}
-    types = ck.types
+    _, tensors = iter_gguf(path)
+    types: dict[str, str] = {}
 
     def full_label(name: str):
         t = types.get(name, "F32")
@@ -177,13 +209,20 @@ def audit_gguf(path: str | os.PathLike, reference: dict[str, Tensor] | None = No
                                f"{', '.join(AUDITED_GGUF)}); its values were dequantized by "
                                "gguf-py but its scales were not checked"]
 
-    rows = _audit_layers(ck.layers, full, set(), reference, full_label)
-    for r in rows:
+    rows = []
+    for name, qtype, value in tensors:
+        types[name] = qtype
+        if value is None or (not isinstance(value, QuantizedTensor) and "embed" in name):
+            continue
+        r = _audit_one(name, value, reference, full_label)
         if r.status != "quantized":
-            r.scheme = types.get(r.layer, r.scheme)
-            r.bits_per_weight = {"F16": 16.0, "BF16": 16.0, "F32": 32.0}.get(r.scheme, math.nan)
+            r.scheme = qtype
+            r.bits_per_weight = {"F16": 16.0, "BF16": 16.0, "F32": 32.0}.get(qtype, math.nan)
         else:
-            r.scheme = f"{types[r.layer]}: {r.scheme}"
+            r.scheme = f"{qtype}: {r.scheme}"
+        rows.append(r)
+        del value
+    rows.sort(key=lambda r: r.layer)
     return AuditReport(str(path), "gguf", rows)
 
 
@@ -192,9 +231,10 @@ def _magic(path: Path) -> bytes:
         return f.read(4)
 
 
-def audit(path: str | os.PathLike, reference: dict[str, Tensor] | None = None) -> AuditReport:
-    """Audit a compressed-tensors directory or a .gguf file. reference: unquantized weights
-    {"<module>.weight": tensor} (e.g. quantlab.io.read_safetensors_dir(original_dir))."""
+def audit(path: str | os.PathLike, reference=None) -> AuditReport:
+    """Audit a compressed-tensors directory or a .gguf file, one tensor in memory at a time.
+    reference: the unquantized weights, anything with .get("<module>.weight") -> tensor or None:
+    a dict, or quantlab.io.stream.LazyCheckpoint(original_dir), which reads each when asked."""
     path = Path(path)
     if path.suffix == ".gguf" or (path.is_file() and _magic(path) == b"GGUF"):
         return audit_gguf(path, reference)

@@ -229,7 +229,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_audit(args) -> int:
     from quantlab.io.audit import audit, format_audit
-    from quantlab.io.safetensors_io import read_safetensors_dir
+    from quantlab.io.stream import LazyCheckpoint
 
     reference = None
     if args.reference:
@@ -239,7 +239,10 @@ def cmd_audit(args) -> int:
             ref_path = embedded_lm_dir()
         else:
             ref_path = Path(args.reference)
-        reference = {k: v for k, v in read_safetensors_dir(ref_path).items() if v.ndim == 2}
+        if ref_path.is_file() and ref_path.suffix != ".safetensors":
+            raise ValueError(f"--reference {ref_path}: only .safetensors files and directories "
+                             "are read (pickle-based .bin/.pt files can run code when loaded)")
+        reference = LazyCheckpoint(ref_path)  # each reference tensor read when its layer is
     report = audit(args.path, reference)
     print(format_audit(report))
     return 1 if report.problems else 0

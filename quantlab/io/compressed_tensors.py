@@ -404,9 +404,9 @@ def _check_groups(cfg_path: Path, groups, ignore) -> None:
     patterns("ignore", ignore)
 
 
-def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
-    """A compressed-tensors directory -> CompressedCheckpoint. Reads only config.json and
-    safetensors. Raises ValueError when the config and the tensors disagree."""
+def read_quantization_config(path: str | Path) -> tuple[dict, dict]:
+    """(config.json, its checked quantization_config) of a compressed-tensors directory, reading
+    no tensor. Raises ValueError when the config is malformed or not compressed-tensors."""
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -428,31 +428,55 @@ def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
     if not groups:
         raise ValueError(f"{cfg_path}: quantization_config has no config_groups")
     _check_groups(cfg_path, groups, qc.get("ignore") or [])
+    return config, qc
+
+
+def module_names(tensor_names) -> list[str]:
+    """The modules (sorted) holding a `weight` or `weight_packed` among the tensor names."""
+    return sorted({n.rpartition(".")[0] for n in tensor_names
+                   if n.endswith((".weight", ".weight_packed"))})
+
+
+def decode_module(mod: str, local: dict[str, Tensor], qc: dict, cfg_path: Path
+                  ) -> QuantizedTensor | Tensor | None:
+    """One module's tensors (local names) -> QuantizedTensor (quantized), its 2-D float weight
+    (a Linear left in full precision), or None (an embedding, a norm)."""
+    groups = qc["config_groups"]
+    gname = next((g for g, spec in groups.items()
+                  if any(_matches_target(mod, t) for t in spec.get("targets", []))), None)
+    w = local.get("weight")
+    if w is not None and w.is_floating_point() and w.dtype not in (torch.float8_e4m3fn,):
+        return w if w.ndim == 2 and "embed" not in mod else None
+    if gname is None:
+        raise ValueError(f"{mod} holds quantized tensors {sorted(local)} but no config "
+                         "group targets it; the config does not match the tensors")
+    fmt = groups[gname].get("format") or qc.get("format")
+    try:
+        return decode_layer(mod, local, groups[gname]["weights"], fmt)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{cfg_path}: config group {gname!r} has malformed weights "
+                         f"{groups[gname]['weights']!r} ({type(err).__name__}: {err}); "
+                         "compare it with a compressed-tensors preset") from err
+
+
+def read_compressed_tensors(path: str | Path) -> CompressedCheckpoint:
+    """A compressed-tensors directory -> CompressedCheckpoint. Reads only config.json and
+    safetensors. Raises ValueError when the config and the tensors disagree. (io.audit reads
+    the same module by module: read_quantization_config, then decode_module.)"""
+    path = Path(path)
+    config, qc = read_quantization_config(path)
     tensors = read_safetensors_dir(path)
     ckpt = CompressedCheckpoint(config=config, ignore=list(qc.get("ignore") or []))
-    modules = sorted({n.rpartition(".")[0] for n in tensors if n.endswith((".weight",
-                                                                           ".weight_packed"))})
-    for mod in modules:
-        gname = next((g for g, spec in groups.items()
-                      if any(_matches_target(mod, t) for t in spec.get("targets", []))), None)
+    for mod in module_names(tensors):
         local = {n[len(mod) + 1:]: t for n, t in tensors.items() if n.startswith(mod + ".")
                  and "." not in n[len(mod) + 1:]}
-        w = local.get("weight")
-        if w is not None and w.is_floating_point() and w.dtype not in (torch.float8_e4m3fn,):
-            if w.ndim == 2 and "embed" not in mod:
-                ckpt.full_precision[mod] = w
-            continue
-        if gname is None:
-            raise ValueError(f"{mod} holds quantized tensors {sorted(local)} but no config "
-                             "group targets it; the config does not match the tensors")
-        fmt = groups[gname].get("format") or qc.get("format")
-        try:
-            ckpt.layers[mod] = decode_layer(mod, local, groups[gname]["weights"], fmt)
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{cfg_path}: config group {gname!r} has malformed weights "
-                             f"{groups[gname]['weights']!r} ({type(err).__name__}: {err}); "
-                             "compare it with a compressed-tensors preset") from err
-        ckpt.group_of[mod] = gname
+        got = decode_module(mod, local, qc, path / "config.json")
+        if isinstance(got, QuantizedTensor):
+            ckpt.layers[mod] = got
+            ckpt.group_of[mod] = next(g for g, spec in qc["config_groups"].items() if any(
+                _matches_target(mod, t) for t in spec.get("targets", [])))
+        elif got is not None:
+            ckpt.full_precision[mod] = got
     return ckpt
 
 

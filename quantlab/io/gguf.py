@@ -264,36 +264,68 @@ def decode_blocks(data: np.ndarray, qtype: str) -> tuple[Tensor, Tensor]:
     return codes.reshape(N, -1).contiguous(), d
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """A .gguf file -> GGUFCheckpoint (never unpickles: GGUF is plain binary)."""
+def _read_data(path: Path, t) -> np.ndarray:
+    """One tensor's bytes read from the file (not through the reader's memory map, whose touched
+    pages would stay resident while it is open), in the reader's numpy shape and dtype."""
+    view = t.data  # a memmap view: its shape and dtype, no data read
+    with open(path, "rb") as f:
+        f.seek(int(t.data_offset))
+        raw = f.read(int(t.n_bytes))
+    if len(raw) != int(t.n_bytes):
+        raise ValueError(f"{path}: tensor {t.name} is cut short ({len(raw)} of {t.n_bytes} "
+                         "bytes); the file is truncated")
+    return np.frombuffer(raw, dtype=view.dtype).reshape(view.shape)
+
+
+def iter_gguf(path: str | os.PathLike):
+    """(metadata, generator of (HF module name, ggml type name, value)) for a .gguf file, each
+    tensor read only when the generator reaches it: value is a QuantizedTensor (Q8_0 / Q4_0,
+    rows in HF order), float32 values (other 2-D types, dequantized by gguf-py), or None (1-D
+    tensors: norms). Memory: one tensor at a time."""
     gguf = _gguf()
     path = Path(path)
     reader = _open_reader(path)
     meta = _scalar_fields(reader)
-    ckpt = GGUFCheckpoint(metadata=meta)
     arch = meta.get("general.architecture")
     n_blocks = int(meta.get(f"{arch}.block_count", 0) or 0)
     back = {g: h for h, g in hf_to_gguf_names(n_blocks).items() if g} if arch == "llama" else {}
     heads = {"attn_q": meta.get("llama.attention.head_count"),
              "attn_k": meta.get("llama.attention.head_count_kv")}
-    for t in reader.tensors:
-        base = t.name.removesuffix(".weight")
-        name = back.get(base, base)
-        qtype = t.tensor_type.name
+
+    def tensors():
+        for t in reader.tensors:
+            base = t.name.removesuffix(".weight")
+            name = back.get(base, base)
+            qtype = t.tensor_type.name
+            if len(t.shape) < 2:
+                yield name, qtype, None
+                continue
+            n_head = heads.get(base.rpartition(".")[2])
+            inv = None
+            if n_head:
+                inv = torch.argsort(rope_permutation(int(t.shape[1]), int(n_head)))
+            data = _read_data(path, t)
+            if qtype in ("Q8_0", "Q4_0"):
+                codes, d = decode_blocks(data, qtype)
+                rule = {"Q8_0": "gguf_q8_0", "Q4_0": "gguf_q4_0"}[qtype]
+                q = QuantizedTensor(codes, d, PRESETS[rule].weights, torch.Size(codes.shape),
+                                    torch.float32)
+                yield name, qtype, _permute_rows(q, inv) if inv is not None else q
+            else:
+                w = torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type).copy()).float()
+                yield name, qtype, w[inv] if inv is not None else w
+
+    return meta, tensors()
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """A .gguf file -> GGUFCheckpoint (never unpickles: GGUF is plain binary)."""
+    meta, tensors = iter_gguf(path)
+    ckpt = GGUFCheckpoint(metadata=meta)
+    for name, qtype, value in tensors:
         ckpt.types[name] = qtype
-        if len(t.shape) < 2:
-            continue
-        n_head = heads.get(base.rpartition(".")[2])
-        inv = None
-        if n_head:
-            inv = torch.argsort(rope_permutation(int(t.shape[1]), int(n_head)))
-        if qtype in ("Q8_0", "Q4_0"):
-            codes, d = decode_blocks(t.data, qtype)
-            rule = {"Q8_0": "gguf_q8_0", "Q4_0": "gguf_q4_0"}[qtype]
-            q = QuantizedTensor(codes, d, PRESETS[rule].weights, torch.Size(codes.shape),
-                                torch.float32)
-            ckpt.layers[name] = _permute_rows(q, inv) if inv is not None else q
-        else:
-            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
-            ckpt.other[name] = w[inv] if inv is not None else w
+        if isinstance(value, QuantizedTensor):
+            ckpt.layers[name] = value
+        elif value is not None:
+            ckpt.other[name] = value
     return ckpt

@@ -23,10 +23,16 @@ INDEX = "model.safetensors.index.json"
 
 
 class LazyCheckpoint:
-    """A safetensors checkpoint directory (one file or shards), read tensor by tensor."""
+    """A safetensors checkpoint directory (one file or shards), or one .safetensors file, read
+    tensor by tensor. `get(name)` is a dict's: the tensor, or None when there is none."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_file() and self.path.suffix == ".safetensors":
+            self.headers = {self.path.name: read_safetensors_header(self.path)}
+            self.path = self.path.parent
+            self._map_names()
+            return
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a directory; the layer-sequential path "
                                     "reads a Hugging Face model directory (config.json and "
@@ -54,6 +60,13 @@ class LazyCheckpoint:
                 raise FileNotFoundError(f"{self.path} holds no .safetensors file.{hint}")
             weight_map = {}
         self.headers = {f: read_safetensors_header(self.path / f) for f in files}
+        self._map_names()
+        for name, f in weight_map.items():
+            if self.file_of.get(name) != f:
+                raise ValueError(f"{index}: maps {name!r} to {f}, which does not hold it; the "
+                                 "index and the shards disagree (re-download them together)")
+
+    def _map_names(self) -> None:
         self.file_of: dict[str, str] = {}
         for f, header in self.headers.items():
             for name in header:
@@ -63,13 +76,18 @@ class LazyCheckpoint:
                     raise ValueError(f"{self.path}: tensor {name!r} is in both {self.file_of[name]}"
                                      f" and {f}; remove the stray shard")
                 self.file_of[name] = f
-        for name, f in weight_map.items():
-            if self.file_of.get(name) != f:
-                raise ValueError(f"{index}: maps {name!r} to {f}, which does not hold it; the "
-                                 "index and the shards disagree (re-download them together)")
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
+
+    def __iter__(self):
+        return iter(self.file_of)
+
+    def get(self, name: str, default=None) -> Tensor | None:
+        return self.load([name])[name] if name in self.file_of else default
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[self.file_of[name]][name]["shape"])
 
     def nbytes(self, name: str) -> int:
         start, end = self.headers[self.file_of[name]][name]["data_offsets"]
