@@ -268,20 +268,21 @@ def _read_data(path: Path, t) -> np.ndarray:
     """One tensor's bytes read from the file (not through the reader's memory map, whose touched
     pages would stay resident while it is open), in the reader's numpy shape and dtype."""
     view = t.data  # a memmap view: its shape and dtype, no data read
+    buf = bytearray(int(t.n_bytes))
     with open(path, "rb") as f:
         f.seek(int(t.data_offset))
-        raw = f.read(int(t.n_bytes))
-    if len(raw) != int(t.n_bytes):
-        raise ValueError(f"{path}: tensor {t.name} is cut short ({len(raw)} of {t.n_bytes} "
-                         "bytes); the file is truncated")
-    return np.frombuffer(raw, dtype=view.dtype).reshape(view.shape)
+        got = f.readinto(buf)
+    if got != len(buf):
+        raise ValueError(f"{path}: tensor {t.name} is cut short ({got} of {len(buf)} bytes); "
+                         "the file is truncated")
+    return np.frombuffer(buf, dtype=view.dtype).reshape(view.shape)
 
 
 def iter_gguf(path: str | os.PathLike):
-    """(metadata, generator of (HF module name, ggml type name, value)) for a .gguf file, each
-    tensor read only when the generator reaches it: value is a QuantizedTensor (Q8_0 / Q4_0,
-    rows in HF order), float32 values (other 2-D types, dequantized by gguf-py), or None (1-D
-    tensors: norms). Memory: one tensor at a time."""
+    """(metadata, generator of (HF module name, ggml type name, load)) for a .gguf file, no
+    tensor data read until load() is called: it returns a QuantizedTensor (Q8_0 / Q4_0, rows in
+    HF order) or the values as a tensor (F16 / F32 as stored, other types dequantized to float32
+    by gguf-py); load is None for 1-D tensors (norms). Memory: one tensor at a time."""
     gguf = _gguf()
     path = Path(path)
     reader = _open_reader(path)
@@ -292,28 +293,31 @@ def iter_gguf(path: str | os.PathLike):
     heads = {"attn_q": meta.get("llama.attention.head_count"),
              "attn_k": meta.get("llama.attention.head_count_kv")}
 
+    def load(t, qtype: str, inv: Tensor | None) -> QuantizedTensor | Tensor:
+        data = _read_data(path, t)
+        if qtype in ("Q8_0", "Q4_0"):
+            codes, d = decode_blocks(data, qtype)
+            rule = {"Q8_0": "gguf_q8_0", "Q4_0": "gguf_q4_0"}[qtype]
+            q = QuantizedTensor(codes, d, PRESETS[rule].weights, torch.Size(codes.shape),
+                                torch.float32)
+            return _permute_rows(q, inv) if inv is not None else q
+        if qtype in ("F16", "F32"):
+            w = torch.from_numpy(data)  # the bytes just read, no float32 copy of an F16 table
+        else:
+            w = torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type).copy())
+        return w[inv] if inv is not None else w
+
     def tensors():
         for t in reader.tensors:
             base = t.name.removesuffix(".weight")
-            name = back.get(base, base)
             qtype = t.tensor_type.name
             if len(t.shape) < 2:
-                yield name, qtype, None
+                yield back.get(base, base), qtype, None
                 continue
             n_head = heads.get(base.rpartition(".")[2])
-            inv = None
-            if n_head:
-                inv = torch.argsort(rope_permutation(int(t.shape[1]), int(n_head)))
-            data = _read_data(path, t)
-            if qtype in ("Q8_0", "Q4_0"):
-                codes, d = decode_blocks(data, qtype)
-                rule = {"Q8_0": "gguf_q8_0", "Q4_0": "gguf_q4_0"}[qtype]
-                q = QuantizedTensor(codes, d, PRESETS[rule].weights, torch.Size(codes.shape),
-                                    torch.float32)
-                yield name, qtype, _permute_rows(q, inv) if inv is not None else q
-            else:
-                w = torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type).copy()).float()
-                yield name, qtype, w[inv] if inv is not None else w
+            inv = (torch.argsort(rope_permutation(int(t.shape[1]), int(n_head)))
+                   if n_head else None)
+            yield back.get(base, base), qtype, lambda t=t, q=qtype, i=inv: load(t, q, i)
 
     return meta, tensors()
 
@@ -322,10 +326,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """A .gguf file -> GGUFCheckpoint (never unpickles: GGUF is plain binary)."""
     meta, tensors = iter_gguf(path)
     ckpt = GGUFCheckpoint(metadata=meta)
-    for name, qtype, value in tensors:
+    for name, qtype, load in tensors:
         ckpt.types[name] = qtype
+        value = load() if load is not None else None
         if isinstance(value, QuantizedTensor):
             ckpt.layers[name] = value
         elif value is not None:
-            ckpt.other[name] = value
+            ckpt.other[name] = value.float()
     return ckpt
