@@ -34,7 +34,7 @@ def test_rows_floor_and_bytes():
     wb = weight_bytes(model)
     assert 6.5e6 < wb < 13.6e6  # bf16 weights without the 4096 x 256 embedding
     rows = throughput("stdlib", ("bf16", "w4a16"), batches=(1, 2), context=8, prompt=8, steps=2,
-                      layers=2, bandwidth=1e11, log=lambda m: None)
+                      layers=2, bandwidth=1e11, log=lambda m: None, device="cpu")
     assert [(r.scheme, r.kind, r.batch) for r in rows] == [
         ("bf16", "decode", 1), ("bf16", "decode", 2), ("bf16", "prefill", 1),
         ("w4a16", "decode", 1), ("w4a16", "decode", 2), ("w4a16", "prefill", 1)]

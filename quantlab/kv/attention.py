@@ -3,16 +3,16 @@
 decode_attention_ref is the plain-torch definition; decode_attention is the Triton kernel that must
 match it. The cache is contiguous: codes k, v (B, H_kv, T, D) as int8, float8_e4m3fn or bf16 (no
 scale), per-(token, head) fp32 scales (B, H_kv, T), and per-sequence lengths (B,) int32.
-The kernel dequantizes in registers: an int8 or E4M3 code is exact in fp16, so the code goes to the
-tensor cores as fp16 and the scale multiplies the score (keys) or the probability (values), one
-multiply per token instead of one per element. fp16, not bf16: E4M3 converts to fp16 in one
-packed instruction per two codes, and int8 by bit arithmetic (1024 + (code + 128) is an fp16
-with the code's byte in its mantissa) instead of an int-to-float conversion per byte (with those
-conversions, int8 decode ran at 44% of its byte floor on an H200 where bf16 ran at 79%). q is
-rounded to fp16 (its values are far inside fp16's range); probabilities in [0, 1] lose less in
-fp16 than in bf16. A bf16 cache keeps bf16 operands. Split-K as in flash-decoding (Dao et al.
-2023): the T axis is cut into splits that run in parallel, then a second kernel merges their
-softmax states.
+The kernel dequantizes in registers: an int8 or E4M3 code is exact in bf16 and fp16, so the code
+goes to the tensor cores as a 16-bit float and the scale multiplies the score (keys) or the
+probability (values), one multiply per token instead of one per element. E4M3 codes go as fp16
+(one packed conversion per two codes; q rounded to fp16, far inside its range): 1.07-1.43x
+faster than through bf16 on an H200 (`python -m quantlab.kv.bench --tune`: 1-16 sequences of
+8k-32k tokens). int8 codes convert to bf16 directly: an fp16 route by mantissa bit arithmetic
+(1024 + code + 128 as fp16 bits) measured 4-9% slower there. Both reach 23-75% of their byte
+floor where a bf16 cache reaches 51-104% (data/bench/tune-kv-decode-nvidia-h200.json). Split-K
+as in flash-decoding (Dao et al. 2023): the T axis is cut into splits that run in parallel, then
+a second kernel merges their softmax states.
 """
 
 from __future__ import annotations
@@ -51,13 +51,6 @@ def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None
 if triton is not None:
 
     @triton.jit
-    def _int8_to_fp16(x):
-        """int8 codes -> the same integers in fp16, exactly, with no int-to-float conversion:
-        (x + 128) as a byte ORed into 1024.0's mantissa (0x6400) is 1024 + x + 128."""
-        u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
-        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
-
-    @triton.jit
     def _decode_split_kernel(
         Q, K, V, KS, VS, Lens, Op, Mp, Lp,  # inputs; partial out (B,Hq,S,D), max and sum (B,Hq,S)
         qk_scale,  # 1/sqrt(D) * log2(e): exponentials are exp2
@@ -65,9 +58,8 @@ if triton is not None:
         sqb, sqh, skb, skh, skt, svb, svh, svt, ssb, ssh,  # strides (scales: token stride 1)
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, N_SPLITS,
-        DOT: tl.constexpr,  # tensor-core operand dtype: fp16 for codes, bf16 for a bf16 cache
-        IS_INT8: tl.constexpr,  # (fp32 under TRITON_INTERPRET)
-    ):
+        DOT: tl.constexpr,  # tensor-core operand dtype: fp16 for E4M3 codes, else bf16
+    ):  # (fp32 under TRITON_INTERPRET)
         pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // HKV, pid_bh % HKV
         length = tl.load(Lens + b)
@@ -85,9 +77,7 @@ if triton is not None:
             valid = offs_n < end
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :],
                         mask=valid[:, None], other=0.0)
-            if IS_INT8:
-                k = _int8_to_fp16(k)
-            s = tl.dot(q, tl.trans(k.to(DOT)))  # (GP, BLOCK_N) fp32; codes exact in fp16
+            s = tl.dot(q, tl.trans(k.to(DOT)))  # (GP, BLOCK_N) fp32; codes exact in DOT
             if HAS_SCALE:
                 s = s * tl.load(KS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
             s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
@@ -99,8 +89,6 @@ if triton is not None:
                         mask=valid[:, None], other=0.0)
             if HAS_SCALE:
                 p = p * tl.load(VS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
-            if IS_INT8:
-                v = _int8_to_fp16(v)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             m_i = m_new
         row = (b * HKV * G + h * G + offs_g) * N_SPLITS + pid_s  # (B, Hq, S) flat index
@@ -128,12 +116,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _dot_dtype(codes: bool):
+def _dot_dtype(fp8_codes: bool):
     # triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (errors ~1e10 on a 16x16
     # product, checked 2026-11-23), so under TRITON_INTERPRET the dot runs in fp32: exact there.
     if os.environ.get("TRITON_INTERPRET") == "1":
         return tl.float32
-    return tl.float16 if codes else tl.bfloat16
+    return tl.float16 if fp8_codes else tl.bfloat16
 
 
 def _n_splits(batch_heads: int, T: int, block_n: int, device) -> int:
@@ -195,8 +183,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
         v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if has_scale else 0,
         ks.stride(1) if has_scale else 0,
         HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
-        HAS_SCALE=has_scale, N_SPLITS=S, DOT=_dot_dtype(has_scale),
-        IS_INT8=k.dtype == torch.int8, num_warps=num_warps,
+        HAS_SCALE=has_scale, N_SPLITS=S, DOT=_dot_dtype(k.dtype == torch.float8_e4m3fn),
+        num_warps=num_warps,
         num_stages=num_stages)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(B * Hq,)](op, mp, lp, out, N_SPLITS=S,

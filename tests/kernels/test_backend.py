@@ -6,6 +6,7 @@ sweep over every served scheme is marked slow. On a GPU they run as they are.
 """
 
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_backend_choice_and_fallback():
 
 @pytest.mark.parametrize("scheme", [s for e in REGISTRY for s in e.schemes])
 def test_entry_matmul_matches_its_reference(scheme, poison):
-    torch.manual_seed(hash(scheme) % 1000)
+    torch.manual_seed(zlib.crc32(scheme.encode()) % 1000)  # hash() is salted per process
     lin = nn.Linear(256, 128, bias=True, dtype=torch.bfloat16, device=DEV)
     x = torch.randn(3, 5, 256, dtype=torch.bfloat16, device=DEV)
     s = get_scheme(scheme)
