@@ -84,7 +84,7 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def _materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, dtype, device) -> None:
+def materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, dtype, device) -> None:
     """Give module (on meta) its checkpoint tensors, rounded to dtype, as float32 on device."""
     names = list(module.state_dict())
     loaded = ckpt.load([prefix + n for n in names])
@@ -92,11 +92,11 @@ def _materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, dtype, de
                            assign=True)
 
 
-def _release(layers: nn.ModuleList, i: int) -> None:
+def release(layers: nn.ModuleList, i: int) -> None:
     layers[i] = nn.Identity()  # drops the layer's tensors (its QuantLinears' codes and caches)
 
 
-def _targets(model: nn.Module, scheme: Scheme, ignore) -> tuple[dict[str, Scheme], list[str]]:
+def targets(model: nn.Module, scheme: Scheme, ignore) -> tuple[dict[str, Scheme], list[str]]:
     """({linear to quantize: scheme} in module order, [linears left in full precision]), with
     quantize_model's group-size check."""
     quant, full = {}, []
@@ -133,36 +133,46 @@ def _check_disk(out: Path, ckpt: LazyCheckpoint, model: nn.Module, quant: dict, 
                       f"{free / 1e9:.2f} GB free; free space or choose an --out on another disk")
 
 
-def _emit_linear(writer: ShardWriter, name: str, qweight: QuantizedTensor, scheme: Scheme,
-                 dtype, bias: Tensor | None = None, input_scale: Tensor | None = None,
-                 igs: Tensor | None = None) -> None:
-    """One quantized linear's tensors exactly as io.compressed_tensors.model_tensors writes them."""
-    for local, t in ct.layer_tensors(qweight, dtype, ct.compression_format(scheme)).items():
-        writer.add(f"{name}.{local}", t)
-    if bias is not None:
-        writer.add(f"{name}.bias", bias.to(dtype))
-    if input_scale is not None:
-        writer.add(f"{name}.input_scale", input_scale.float().reshape(1))
-    if igs is not None:
-        writer.add(f"{name}.input_global_scale", igs.float().reshape(1))
+class ShardSink:
+    """Where the exporter's finished tensors go for --to compressed-tensors: each quantized
+    linear's tensors exactly as io.compressed_tensors.model_tensors writes them, into
+    io.stream.ShardWriter's shards. (io.gguf.GGUFStream is the GGUF sink: same two methods.)"""
+
+    def __init__(self, writer: ShardWriter, dtype: torch.dtype):
+        self.writer, self.dtype = writer, dtype
+
+    def linear(self, name: str, qweight: QuantizedTensor, scheme: Scheme,
+               bias: Tensor | None = None, input_scale: Tensor | None = None,
+               igs: Tensor | None = None) -> None:
+        fmt = ct.compression_format(scheme)
+        for local, t in ct.layer_tensors(qweight, self.dtype, fmt).items():
+            self.writer.add(f"{name}.{local}", t)
+        if bias is not None:
+            self.writer.add(f"{name}.bias", bias.to(self.dtype))
+        if input_scale is not None:
+            self.writer.add(f"{name}.input_scale", input_scale.float().reshape(1))
+        if igs is not None:
+            self.writer.add(f"{name}.input_global_scale", igs.float().reshape(1))
+
+    def tensor(self, name: str, t: Tensor) -> None:
+        """An unquantized tensor, stored in the export dtype."""
+        self.writer.add(name, t.to(self.dtype) if t.is_floating_point() else t)
 
 
-def _emit_module(writer: ShardWriter, prefix: str, module: nn.Module, dtype,
-                 igs: dict[str, Tensor]) -> None:
-    """A materialized module's tensors: QuantLinears compressed, everything else in dtype."""
+def _emit_module(sink, prefix: str, module: nn.Module, igs: dict[str, Tensor]) -> None:
+    """A materialized module's tensors: QuantLinears compressed, everything else as it is (the
+    sink casts: compressed-tensors to the export dtype; GGUF stores norms as F32, so AWQ's
+    rescaled norms keep their float32 values there, as the in-memory export does)."""
     qls = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
     for n, t in module.state_dict().items():
         mod = n.rpartition(".")[0]
-        if mod in qls and n != f"{mod}.bias":
-            continue
         if mod not in qls:
-            writer.add(prefix + n, t.to(dtype) if t.is_floating_point() else t)
+            sink.tensor(prefix + n, t)
     for n, q in qls.items():
-        _emit_linear(writer, prefix + n, q.qweight, q.scheme, dtype, q.bias, q.input_scale,
-                     igs.get(n))
+        sink.linear(prefix + n, q.qweight, q.scheme, q.bias, q.input_scale, igs.get(n))
 
 
-def _first_hidden(model: nn.Module, ckpt: LazyCheckpoint, calib: Tensor, dtype, device):
+def first_hidden(model: nn.Module, ckpt: LazyCheckpoint, calib: Tensor, dtype, device):
     """(hidden (B, T, d), layer kwargs) entering decoder layer 0: the embeddings materialized,
     the rotary embedding rebuilt on device (its buffers are not in the checkpoint), then the
     model run up to layer 0, as algorithms.calibration.first_layer_inputs does."""
@@ -171,7 +181,7 @@ def _first_hidden(model: nn.Module, ckpt: LazyCheckpoint, calib: Tensor, dtype, 
     inner = model.get_submodule(layer_list(model)[0].rpartition(".")[0])
     embed = model.get_input_embeddings()
     prefix = next(n for n, m in model.named_modules() if m is embed) + "."
-    _materialize(embed, prefix, ckpt, dtype, device)
+    materialize(embed, prefix, ckpt, dtype, device)
     rot = getattr(inner, "rotary_emb", None)
     if rot is not None:
         with torch.device(device):
@@ -182,15 +192,37 @@ def _first_hidden(model: nn.Module, ckpt: LazyCheckpoint, calib: Tensor, dtype, 
         embed.to_empty(device="meta")
 
 
-def _amax_hooks(modules: dict[str, nn.Module], store: dict[str, Tensor]):
+def amax_hooks(modules: dict[str, nn.Module], store: dict[str, Tensor]):
     from quantlab.algorithms.calibration import input_hooks
 
     return input_hooks(modules, lambda n, x: store.__setitem__(
         n, torch.maximum(store.get(n, torch.zeros(())), x.detach().abs().amax().float().cpu())))
 
 
-def _rtn_layer(layer: nn.Module, prefix: str, quant: dict[str, Scheme],
-               act_scales: dict[str, Tensor]) -> None:
+def checkpoint_names(model: nn.Module, ckpt: LazyCheckpoint, model_dir) -> list[str]:
+    """The state_dict names of the skeleton to read, tied weights once (the first name, as
+    model_tensors does); ValueError when a shard lacks any of them."""
+    seen, wanted = set(), []
+    for n, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            wanted.append(n)
+    missing = [n for n in wanted if n not in ckpt]
+    if missing:
+        raise ValueError(f"{model_dir}: {len(missing)} tensors the config needs are in no "
+                         f"shard, e.g. {missing[:3]}; the checkpoint is incomplete or belongs to "
+                         "another config (check config.json and re-download the shards)")
+    return wanted
+
+
+def static_scales(amax: dict[str, Tensor], act) -> dict[str, Tensor]:
+    """{linear: amax of its inputs / the activation format's max}: static_act_scales' rule."""
+    fmax = act.element.max if act is not None else 1.0
+    return {n: (a / fmax).clamp(min=1e-12) for n, a in amax.items()}
+
+
+def rtn_layer(layer: nn.Module, prefix: str, quant: dict[str, Scheme],
+              act_scales: dict[str, Tensor]) -> None:
     """quantize_model on one layer: its targeted nn.Linear -> QuantLinear, in place."""
     for n, m in list(layer.named_modules()):
         if isinstance(m, nn.Linear) and prefix + n in quant:
@@ -199,23 +231,35 @@ def _rtn_layer(layer: nn.Module, prefix: str, quant: dict[str, Scheme],
             setattr(layer.get_submodule(parent) if parent else layer, child, q)
 
 
+CONTAINERS = ("compressed-tensors", "gguf")
+
+
 def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Path, *,
                       algorithm: str = "rtn", calib: Tensor | None = None,
                       device: str | None = None, dtype: torch.dtype = torch.bfloat16,
                       ignore: tuple[str, ...] = ("lm_head",), max_shard_bytes: int | str = "1GB",
                       overwrite: bool = False, tokenizer=None, percdamp: float = 0.1,
                       blocksize: int = 128, act_order: bool = False,
-                      progress: bool | None = None) -> Path:
-    """Quantize the safetensors checkpoint in model_dir one decoder layer at a time and write a
-    compressed-tensors directory to out as the layers finish (shards + index, config.json,
-    tokenizer files). calib: (B, T) int64 token ids, needed for gptq/awq and for schemes with
+                      progress: bool | None = None, to: str = "compressed-tensors",
+                      name: str | None = None) -> Path:
+    """Quantize the safetensors checkpoint in model_dir one decoder layer at a time and write
+    it to out as the layers finish: to="compressed-tensors", a directory (shards + index,
+    config.json, tokenizer files); to="gguf", one .gguf file (out ends in .gguf; tokenizer
+    required; name: general.name, default the folder's name), byte-identical to io.gguf's
+    in-memory export. calib: (B, T) int64 token ids, needed for gptq/awq and for schemes with
     static activation scales or NVFP4 activations. progress: tqdm bars (None: when a terminal).
-    Written to a temporary directory beside out and renamed at the end."""
+    Written to a temporary path beside out and renamed at the end."""
     from quantlab.algorithms.calibration import check_calibration, input_hooks, run_layer
 
     scheme = get_scheme(scheme)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm!r} is not one of {ALGORITHMS}")
+    if to not in CONTAINERS:
+        raise ValueError(f"to={to!r} is not one of {CONTAINERS}")
+    out = Path(out)
+    if to == "gguf" and (out.suffix != ".gguf" or tokenizer is None):
+        raise ValueError(f"a GGUF export needs an out ending in .gguf (got {out}) and the "
+                         "model's tokenizer (GGUF stores it)")
     device = device or default_device()
     act = scheme.activations
     static = act is not None and not act.dynamic
@@ -231,35 +275,34 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
         check_calibration(calib, 1 if algorithm == "rtn" else 512)
     model = skeleton(model_dir)
     layers_name, layers = layer_list(model)
-    ct.weight_args(scheme.weights)  # unsupported schemes fail before any work
-    ct.activation_args(act)
-    quant, full = _targets(model, scheme, ignore)
+    if to == "compressed-tensors":
+        ct.weight_args(scheme.weights)  # unsupported schemes fail before any work
+        ct.activation_args(act)
+    quant, full = targets(model, scheme, ignore)
     outer_quant = [n for n in quant if not n.startswith(layers_name + ".")]
     if needs_forward and outer_quant:
         raise ValueError(f"{outer_quant} lie outside the decoder layers and would need "
                          "calibration there; leave them in ignore= or use --pipeline in-memory")
     ckpt = LazyCheckpoint(model_dir)
-    sd = model.state_dict(keep_vars=True)
-    seen, wanted = set(), []
-    for n, t in sd.items():  # tied weights: the first name only, as model_tensors does
-        if id(t) not in seen:
-            seen.add(id(t))
-            wanted.append(n)
-    missing = [n for n in wanted if n not in ckpt]
-    if missing:
-        raise KeyError(f"{model_dir}: {len(missing)} tensors the config needs are in no shard, "
-                       f"e.g. {missing[:3]}; the checkpoint is incomplete or belongs to another "
-                       "config (check config.json and re-download the shards)")
-    out = Path(out)
+    wanted = checkpoint_names(model, ckpt, model_dir)
     _check_disk(out, ckpt, model, quant, dtype)
     in_layer = {n for n in wanted if n.startswith(layers_name + ".")}
-    qconfig = ct.quantization_config_for(quant, full)
-    config = model.config.to_dict()
+    first = next(i for i, n in enumerate(wanted) if n in in_layer)
+    # outside the layers, in file order: what comes before them (embeddings), what after
+    before = [n for n in wanted[:first] if n not in in_layer]
+    after = [n for n in wanted[first:] if n not in in_layer]
     bar = dict(disable=None if progress is None else not progress, dynamic_ncols=True)
 
-    with atomic_output(out, overwrite, source=model_dir) as tmp:
-        shards = tqdm(desc="shards written", unit="shard", position=1, **bar)
-        writer = ShardWriter(tmp, max_shard_bytes, progress=shards)
+    with atomic_output(out, overwrite, is_dir=to != "gguf", source=model_dir) as tmp:
+        shards = None
+        if to == "gguf":
+            from quantlab.io.gguf import GGUFStream
+
+            sink = GGUFStream(tmp, model, quant, tokenizer, name or Path(model_dir).name)
+        else:
+            shards = tqdm(desc="shards written", unit="shard", position=1, **bar)
+            writer = ShardWriter(tmp, max_shard_bytes, progress=shards)
+            sink = ShardSink(writer, dtype)
 
         def write_tensor(n: str) -> None:  # read, quantize or cast, write: one tensor alone
             t = ckpt.load([n])[n]
@@ -268,26 +311,25 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
                 qt = quantize(_rounded(t, dtype, device), quant[mod].weights)
                 bias = (_rounded(ckpt.load([f"{mod}.bias"])[f"{mod}.bias"], dtype, device)
                         if f"{mod}.bias" in ckpt else None)
-                _emit_linear(writer, mod, qt, quant[mod], dtype, bias)
+                sink.linear(mod, qt, quant[mod], bias)
             elif not (mod in quant and n == f"{mod}.bias"):
-                writer.add(n, _cast(t, dtype))
+                sink.tensor(n, _cast(t, dtype))
 
-        for n in wanted:
-            if n not in in_layer and n.rpartition(".")[0] not in quant:
-                write_tensor(n)
+        for n in before:
+            write_tensor(n)
         hidden = kwargs = None
         if needs_forward:
-            hidden, kwargs = _first_hidden(model, ckpt, calib, dtype, device)
+            hidden, kwargs = first_hidden(model, ckpt, calib, dtype, device)
         for i in tqdm(range(len(layers)), desc="layers", unit="layer", position=0, **bar):
             prefix = f"{layers_name}.{i}."
             if not needs_forward:
                 for n in wanted:
                     if n.startswith(prefix):
                         write_tensor(n)
-                _release(layers, i)
+                release(layers, i)
                 continue
             layer = layers[i]
-            _materialize(layer, prefix, ckpt, dtype, device)
+            materialize(layer, prefix, ckpt, dtype, device)
             igs: dict[str, Tensor] = {}
             if algorithm == "gptq":
                 from quantlab.algorithms.gptq import gptq_layer
@@ -306,27 +348,30 @@ def export_sequential(model_dir: str | Path, scheme: Scheme | str, out: str | Pa
 
                 awq_layer(layer, {k: x[::step] for k, x in xs.items()}, scheme.weights)
                 del xs
-                _rtn_layer(layer, prefix, quant, {})
+                rtn_layer(layer, prefix, quant, {})
             else:
                 amax: dict[str, Tensor] = {}
                 if static:  # static_act_scales: the float model's inputs
                     lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)
                             and prefix + n in quant}
-                    with _amax_hooks(lins, amax):
+                    with amax_hooks(lins, amax):
                         hidden = run_layer(layer, hidden, kwargs)
-                fmax = act.element.max if act is not None else 1.0
-                _rtn_layer(layer, prefix, quant,
-                           {n: (a / fmax).clamp(min=1e-12) for n, a in amax.items()})
+                rtn_layer(layer, prefix, quant, static_scales(amax, act))
             if algorithm == "gptq" or w4a4:  # the quantized model's stream
                 qls = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-                with _amax_hooks(qls if w4a4 else {}, igs):
+                with amax_hooks(qls if w4a4 else {}, igs):
                     hidden = run_layer(layer, hidden, kwargs)
                 igs = {n: NVFP4_GLOBAL_DENOM / a.clamp(min=1e-12) for n, a in igs.items()}
-            _emit_module(writer, prefix, layer, dtype, igs)
-            _release(layers, i)
-        for n in outer_quant:
-            write_tensor(f"{n}.weight")
-        writer.close()
-        shards.close()
-        ct.write_config_and_tokenizer(tmp, config, dtype, qconfig, model_dir, tokenizer)
+            _emit_module(sink, prefix, layer, igs)
+            release(layers, i)
+        for n in after:
+            write_tensor(n)
+        if to == "gguf":
+            sink.close()
+        else:
+            writer.close()
+            shards.close()
+            ct.write_config_and_tokenizer(tmp, model.config.to_dict(), dtype,
+                                          ct.quantization_config_for(quant, full), model_dir,
+                                          tokenizer)
     return out

@@ -138,14 +138,9 @@ def cmd_export(args) -> int:
 
 
 def _sequential(args) -> bool:
-    """--pipeline auto: layer by layer for a local model directory (compressed-tensors), in
-    memory for the embedded model, a hub id, or GGUF (not streamed yet)."""
+    """--pipeline auto: layer by layer for a local model directory, in memory for the embedded
+    model or a hub id (both containers stream: compressed-tensors shards, GGUF tensors)."""
     if args.pipeline == "in-memory":
-        return False
-    if args.to == "gguf":
-        if args.pipeline == "sequential":
-            raise SystemExit("quantlab export: --to gguf is not written layer by layer yet; "
-                             "use --pipeline in-memory (or auto)")
         return False
     if args.pipeline == "sequential":
         return True
@@ -161,17 +156,33 @@ def _export_sequential(args, scheme, needs_calib: bool) -> int:
     from quantlab.sequential import export_sequential
 
     src = Path(args.model) if args.model else models.embedded_lm_dir()
+    if args.model is not None and not src.is_dir():
+        raise ValueError(f"--pipeline sequential reads a local model directory (config.json and "
+                         f"safetensors shards); {args.model} is none: download it first, or use "
+                         "--pipeline in-memory")
     tok = calib = None
-    if needs_calib:
+    if needs_calib or args.to == "gguf":
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    if needs_calib:
         calib = _calib_ids(tok, args.calib_file, args.calib_tokens)
+    label = models.EMBEDDED_LM if args.model is None else src.name
+    out = Path(args.out)
+    if args.to == "gguf" and out.suffix != ".gguf":
+        out = out / f"{label}-{scheme.weights.scale_rule.ggml_type or 'X'}.gguf"
     start = time.perf_counter()
-    path = export_sequential(src, scheme, args.out, algorithm=args.algorithm, calib=calib,
+    path = export_sequential(src, scheme, out, algorithm=args.algorithm, calib=calib,
                              device=args.device, dtype=DTYPES[args.dtype],
                              max_shard_bytes=args.shard_size, overwrite=args.overwrite,
-                             tokenizer=tok)
+                             tokenizer=tok, to=args.to, name=label)
+    if args.to == "gguf":
+        size = path.stat().st_size
+        print(f"Wrote {path} ({size:,} bytes, {size / 2**30:.2f} GiB) layer by layer in "
+              f"{time.perf_counter() - start:.1f} s: {scheme.name} ({args.algorithm})")
+        print(f"Check it: quantlab audit {path} --reference {src}")
+        print(f"Serve it: llama-server -m {path}")
+        return 0
     shards = sorted(path.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards)
     print(f"Wrote {path}/ ({len(shards)} shards, {size:,} bytes, {size / 2**30:.2f} GiB) layer by "
@@ -217,7 +228,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="how weights are rounded (gptq/awq calibrate on --calib-file)")
     e.add_argument("--pipeline", choices=("auto", "sequential", "in-memory"), default="auto",
                    help="sequential: one decoder layer at a time from the safetensors shards, "
-                   "memory bounded by a layer (auto: for a local --model directory); in-memory: "
+                   "memory bounded by a layer, written as layers finish (compressed-tensors "
+                   "shards or GGUF tensors; auto: for a local --model directory); in-memory: "
                    "the whole model in float32 (the reference)")
     e.add_argument("--device", help="where sequential layers run: cpu or cuda (default: cuda "
                    "when present)")

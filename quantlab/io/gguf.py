@@ -141,6 +141,27 @@ def _llama_metadata(writer, cfg, name: str, file_type: str) -> None:
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
 
 
+def _quantized_entry(name: str, q: QuantizedTensor, heads: int | None,
+                     ) -> tuple[np.ndarray, str]:
+    """A Q8_0 / Q4_0 linear's (N, bytes per row) uint8 ggml blocks, rows in llama.cpp's order."""
+    qtype = q.scheme.scale_rule.ggml_type
+    if qtype is None:
+        raise ValueError(f"{name} is quantized with {q.scheme.describe()}, which GGUF cannot "
+                         "store; quantize with gguf_q8_0 or gguf_q4_0")
+    if heads:
+        q = _permute_rows(q, rope_permutation(q.shape[0], heads).to(q.codes.device))
+    blocks = gguf_q8_0_blocks(q) if qtype == "Q8_0" else gguf_q4_0_blocks(q)
+    return blocks.reshape(q.shape[0], -1).cpu().numpy(), qtype
+
+
+def _float_entry(w: Tensor, heads: int | None) -> tuple[np.ndarray, str]:
+    """An unquantized weight as GGUF stores it: F32 when 1-D (norms), else F16."""
+    w = w.detach().float().cpu()
+    if heads:
+        w = w[rope_permutation(w.shape[0], heads)]
+    return (w.numpy(), "F32") if w.ndim == 1 else (w.to(torch.float16).numpy(), "F16")
+
+
 def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, str]]:
     """[(gguf name, numpy data, ggml type name)] for every tensor of a (quantized) Llama, in
     llama.cpp's row layout. Quantized data are (N, bytes per row) uint8 blocks."""
@@ -156,28 +177,24 @@ def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, str]]:
             raise ValueError(f"gguf has no tensor name for {mod_name}")
         heads = _rope_heads(mod_name, cfg)
         if isinstance(mod, QuantLinear):
-            q = mod.qweight
-            qtype = q.scheme.scale_rule.ggml_type
-            if qtype is None:
-                raise ValueError(f"{mod_name} is quantized with {mod.scheme.name}, which GGUF "
-                                 "cannot store; quantize with gguf_q8_0 or gguf_q4_0")
-            if heads:
-                q = _permute_rows(q, rope_permutation(q.shape[0], heads))
-            blocks = gguf_q8_0_blocks(q) if qtype == "Q8_0" else gguf_q4_0_blocks(q)
-            out.append((f"{base}.weight", blocks.reshape(q.shape[0], -1).numpy(), qtype))
+            data, qtype = _quantized_entry(mod_name, mod.qweight, heads)
             types.add(qtype)
-            continue
-        w = mod.weight.detach().float()
-        if heads:
-            w = w[rope_permutation(w.shape[0], heads)]
-        if w.ndim == 1:
-            out.append((f"{base}.weight", w.numpy(), "F32"))
         else:
-            out.append((f"{base}.weight", w.to(torch.float16).numpy(), "F16"))
+            data, qtype = _float_entry(mod.weight, heads)
+        out.append((f"{base}.weight", data, qtype))
     if not types:
         raise ValueError("no layer is quantized with gguf_q8_0 or gguf_q4_0: run quantize_model"
                          "(model, 'gguf_q8_0') (or gguf_q4_0) first")
     return out
+
+
+def _file_type(qtypes: set[str]) -> str:
+    return FILE_TYPE[sorted(qtypes)[-1]] if len(qtypes) == 1 else "MOSTLY_Q8_0"
+
+
+def _add_metadata(writer, cfg, tokenizer, name: str, qtypes: set[str]) -> None:
+    _llama_metadata(writer, cfg, name, _file_type(qtypes))
+    _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
 
 
 def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer,
@@ -190,11 +207,9 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer,
         raise ValueError(f"{out}: a GGUF file name must end in .gguf")
     tensors = gguf_tensors(model)
     qtypes = {t for _, _, t in tensors} - {"F16", "F32"}
-    ftype = FILE_TYPE[sorted(qtypes)[-1]] if len(qtypes) == 1 else "MOSTLY_Q8_0"
     with atomic_output(out, overwrite, is_dir=False) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
-        _llama_metadata(writer, model.config, name, ftype)
-        _tokenizer_metadata(writer, tokenizer, model.config.vocab_size)
+        _add_metadata(writer, model.config, tokenizer, name, qtypes)
         for tname, data, ttype in tensors:
             raw = getattr(gguf.GGMLQuantizationType, ttype)
             writer.add_tensor(tname, data, raw_dtype=raw if ttype not in ("F16", "F32") else None)
@@ -203,6 +218,96 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer,
         writer.write_tensors_to_file()
         writer.close()
     return out
+
+
+class GGUFStream:
+    """A .gguf file written as tensors arrive (the layer-sequential exporter's sink): the header
+    and tensor infos are computed first from the model skeleton (meta tensors: names, shapes)
+    and which linears are quantized with which scheme, then each tensor's data is written when
+    it and every tensor before it in the file have arrived (a reorder buffer: at most a few of
+    one decoder layer's tensors wait). Same bytes as export_gguf of the quantized model.
+
+    path: the file to write (created); skeleton: the Llama on the meta device; quant: {linear
+    name: Scheme} (gguf_q8_0 / gguf_q4_0)."""
+
+    def __init__(self, path: str | os.PathLike, skeleton: nn.Module, quant: dict, tokenizer,
+                 name: str = "quantlab-model"):
+        gguf = _gguf()
+        cfg = skeleton.config
+        names = hf_to_gguf_names(cfg.num_hidden_layers)
+        qtypes = {m: s.weights.scale_rule.ggml_type for m, s in quant.items()}
+        bad = sorted(m for m, t in qtypes.items() if t is None)
+        if bad:
+            raise ValueError(f"{bad[0]} (and {len(bad) - 1} more) would be quantized with "
+                             f"{quant[bad[0]].name}, which GGUF cannot store; use gguf_q8_0 or "
+                             "gguf_q4_0")
+        if not qtypes:
+            raise ValueError("no layer is quantized with gguf_q8_0 or gguf_q4_0")
+        self.cfg = cfg
+        self.names = names
+        self.order: list[str] = []  # gguf tensor names in file order
+        self.writer = gguf.GGUFWriter(str(path), "llama")
+        _add_metadata(self.writer, cfg, tokenizer, name, set(qtypes.values()))
+        for mod_name, mod in skeleton.named_modules():
+            if mod_name not in names:
+                continue
+            if names[mod_name] is None:
+                raise ValueError(f"gguf has no tensor name for {mod_name}")
+            tname = f"{names[mod_name]}.weight"
+            shape = tuple(mod.weight.shape)
+            if mod_name in qtypes:
+                width = {"Q8_0": 34, "Q4_0": 18}[qtypes[mod_name]]
+                byte_shape = (shape[0], shape[1] // 32 * width)
+                self.writer.add_tensor_info(tname, byte_shape, np.dtype(np.uint8),
+                                            byte_shape[0] * byte_shape[1],
+                                            raw_dtype=getattr(gguf.GGMLQuantizationType,
+                                                              qtypes[mod_name]))
+            else:
+                dt = np.dtype(np.float32 if len(shape) == 1 else np.float16)
+                self.writer.add_tensor_info(tname, shape, dt, int(np.prod(shape)) * dt.itemsize)
+            self.order.append(tname)
+        self.writer.write_header_to_file()
+        self.writer.write_kv_data_to_file()
+        self.writer.write_ti_data_to_file()
+        self.pending: dict[str, np.ndarray] = {}
+        self.done = 0
+
+    def _gguf_name(self, module: str) -> str:
+        base = self.names.get(module)
+        if base is None:
+            raise ValueError(f"{module} has no place in a llama.cpp GGUF file (quantlab writes "
+                             "Llama's embedding, norms and seven projections per layer, without "
+                             "biases); convert this model with llama.cpp's convert_hf_to_gguf.py")
+        return f"{base}.weight"
+
+    def _put(self, tname: str, data: np.ndarray) -> None:
+        self.pending[tname] = data
+        while self.done < len(self.order) and self.order[self.done] in self.pending:
+            self.writer.write_tensor_data(self.pending.pop(self.order[self.done]))
+            self.done += 1
+
+    def linear(self, name: str, qweight: QuantizedTensor, scheme=None, bias=None,
+               input_scale=None, igs=None) -> None:
+        """A quantized linear's weight (its module name, e.g. model.layers.0.self_attn.q_proj)."""
+        if bias is not None:
+            self._gguf_name(f"{name}.bias")  # raises: no GGUF name
+        data, _ = _quantized_entry(name, qweight, _rope_heads(name, self.cfg))
+        self._put(self._gguf_name(name), data)
+
+    def tensor(self, name: str, t: Tensor) -> None:
+        """An unquantized tensor by its checkpoint name (e.g. model.norm.weight)."""
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight":
+            self._gguf_name(name)  # raises: no GGUF name
+        data, _ = _float_entry(t, _rope_heads(module, self.cfg))
+        self._put(self._gguf_name(module), data)
+
+    def close(self) -> None:
+        missing = self.order[self.done:]
+        if missing:
+            raise ValueError(f"the GGUF file still lacks {len(missing)} tensors, e.g. "
+                             f"{missing[:3]}; the export did not emit them")
+        self.writer.close()
 
 
 # ---------------------------------------------------------------- import
