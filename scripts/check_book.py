@@ -86,14 +86,14 @@ window.addEventListener('load', async function () {
   report.dropdowns_open = Array.prototype.filter.call(drops, function (d) {
     return Array.prototype.some.call(d.children, function (k) {
       return !k.classList.contains('admonition-title') && shown(k); }); }).length;
-  // Before any slider or button: the screenshot is of the page as it loads.
-  report.height = Math.ceil(document.documentElement.scrollHeight);
   var nodes = document.querySelectorAll('.plotly-graph-div');
   report.figures = nodes.length;
   for (var t = 0; t < 50; t++) {  // figures draw asynchronously: wait until all have an svg
     if (document.querySelectorAll('.plotly-graph-div .main-svg').length >= nodes.length) break;
     await new Promise(function (r) { setTimeout(r, 100); });
   }
+  // Drawn, before any slider or button: the screenshot is of the page as it loads.
+  report.height = Math.ceil(document.documentElement.scrollHeight);
   nodes.forEach(function (gd) { if (gd.querySelector('.main-svg') && gd._fullData &&
                                      gd._fullData.length) report.rendered++; });
   var resources = performance.getEntriesByType('resource').map(function (e) { return e.name; });
