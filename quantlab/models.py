@@ -73,6 +73,9 @@ def load_causal_lm(
     name_or_path: None for the embedded stdlib-llama (stored in bf16, cast to ``dtype``), else a
     Hugging Face model id or a local directory, passed to ``from_pretrained``.
     """
+    if name_or_path is not None and not str(name_or_path).strip():  # "" would read the cwd
+        raise ValueError("the model name is empty: pass a Hugging Face id or a local directory, "
+                         "or leave it out for the embedded stdlib-llama")
     if name_or_path is None:
         path, local_only = embedded_lm_dir(), True
     else:

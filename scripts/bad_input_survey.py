@@ -296,7 +296,6 @@ def _model_cases():
          qm(llama, overrides={"mlp.down_prj": "w4a16"}))
     case("models", "quantize_model overrides 're:['", "regular expression",
          qm(llama, overrides={"re:[": None}))
-    case("models", "quantize_model unknown scheme", "unknown scheme 'w4a17'", qm(llama, "w4a17"))
 
     def zero_act(d):
         torch = _torch()
@@ -365,8 +364,6 @@ def _model_cases():
          gptq_ids(torch_ids(0, 100)))
     case("models", "GPTQ negative calibration ids", "vocabulary has 64",
          gptq_ids(torch_ids(-5, 60)))
-    case("models", "GPTQ with 20 calibration tokens", "20 tokens.*at least",
-         gptq_ids(torch_ids(0, 60, 10)))
 
     def gptq_gpt2(d):
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -422,8 +419,6 @@ def _file_cases():
         lambda d: raw_safetensors(d / "m.safetensors", {"w": {**good, "dtype": ["F32"]}})))
     case("files", "safetensors truncated data", "truncated|corrupt|offsets|bytes", read_st(
         lambda d: raw_safetensors(d / "m.safetensors", {"w": good}, data=b"\0" * 7)))
-    case("files", "safetensors header length beyond the file", "header|corrupt|length", read_st(
-        lambda d: raw_safetensors(d / "m.safetensors", {"w": good}, length=10**9)))
 
     def random_bytes(d):
         (d / "m.safetensors").write_bytes(os.urandom(64))
@@ -839,6 +834,14 @@ def _cli_cases():
     case("cli", "export --shard-size 0", "--shard-size", argv=[*exp, "--shard-size", "0"],
          check=ok_if_refused)
 
+    case("cli", "compare --model ''", "model name is empty",
+         argv=["compare", *small, "--model", ""], check=ok_if_refused)
+    case("cli", "export --out '' --overwrite", "working folder",
+         argv=[*exp[:-1], "", "--overwrite"], setup=lambda d: (d / "keep.txt").write_text("x"),
+         check=ok_if_refused)
+    case("cli", "export --device nosuch", "--device.*nosuch",
+         argv=[*exp, "--pipeline", "sequential", "--device", "nosuch"], check=ok_if_refused)
+
     def binary(d):
         (d / "eval.bin").write_bytes(bytes(range(256)))
 
@@ -1095,42 +1098,35 @@ def short(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+BEGIN, END = "<!-- survey:begin (scripts/bad_input_survey.py) -->", "<!-- survey:end -->"
+
+
 def write_note(rows: list[dict], path: Path, seconds: float) -> None:
+    """Write the counts and the rows between BEGIN and END of notes/bad-input.md; the prose
+    around them is kept (a new note gets a short heading)."""
     import torch
 
     bad = [r for r in rows if r["verdict"] != "clear"]
-    body = [
-        "# Bad input: the survey (issue 18)",
-        "",
-        "`scripts/bad_input_survey.py` runs 149 bad inputs and faults against the package and the",
-        "CLI and classifies each one automatically (the script's docstring defines the verdicts):",
-        "**clear** = a clear error that names the bad thing and what to do, or the right result;",
-        "**unclear** = an error that does not say what is wrong; **silent** = a wrong result;",
-        "**crash** = the process dies; **loss** = a file that existed before is gone or changed.",
-        "Every case runs in its own process and folder; CLI cases run `python -m quantlab.cli`.",
-        "`tests/test_bad_input.py` holds one row for each case the issue listed, and fails if its",
-        "fix is reverted; this survey is the count.",
-        "",
-        "When the issue was filed, the same 149 kinds of input (its list plus their siblings) gave",
-        "90 clear, 33 unclear, 22 silent, 0 crashes, 4 data loss. Now:",
-        "",
-        table(rows),
-        "",
-        f"Run: `.venv/bin/python scripts/bad_input_survey.py` ({len(rows)} cases, "
-        f"{seconds / 60:.0f} min on this 2-core CPU; torch {torch.__version__}).",
-        "",
-        "## Cases that are not clear",
-        "",
-    ]
+    block = [BEGIN, "", table(rows), "",
+             f"{len(rows)} cases, {seconds / 60:.0f} min on a 2-core CPU, torch "
+             f"{torch.__version__} (`.venv/bin/python scripts/bad_input_survey.py`).", "",
+             "Cases that are not clear:", ""]
     if bad:
-        body += ["| category | case | verdict | what happened |", "| --- | --- | --- | --- |"]
-        body += [f"| {r['category']} | {short(r['name'], 60)} | {r['verdict']} | "
-                 f"{short(r['detail'])} |" for r in bad]
+        block += ["| category | case | verdict | what happened |", "| --- | --- | --- | --- |"]
+        block += [f"| {r['category']} | {short(r['name'], 60)} | {r['verdict']} | "
+                  f"{short(r['detail'])} |" for r in bad]
     else:
-        body.append("None: every case raises a clear error or does the right thing.")
-    body += ["", "## Every case", "", "| category | case | verdict |", "| --- | --- | --- |"]
-    body += [f"| {r['category']} | {short(r['name'], 70)} | {r['verdict']} |" for r in rows]
-    path.write_text("\n".join(body) + "\n")
+        block.append("none: every case raises a clear error or does the right thing.")
+    block += ["", "<details><summary>Every case</summary>", "",
+              "| category | case | verdict |", "| --- | --- | --- |"]
+    block += [f"| {r['category']} | {short(r['name'], 70)} | {r['verdict']} |" for r in rows]
+    block += ["", "</details>", "", END]
+    text = path.read_text() if path.exists() else "# Bad input: the survey (issue 18)\n\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + "\n".join(block) + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(block) + "\n"
+    path.write_text(text)
 
 
 def main(argv=None) -> int:

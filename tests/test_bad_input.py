@@ -676,17 +676,28 @@ def test_tensor_scheme_sizes(kw, words):
         TensorScheme("int8", **kw)
 
 
-@pytest.mark.parametrize("lo,hi", [(0, 100), (-5, 60)], ids=["beyond-vocab", "negative"])
-def test_calibration_ids_outside_vocabulary(lo, hi):
+@pytest.mark.parametrize("algorithm,lo,hi", [
+    ("gptq", 0, 100), ("gptq", -5, 60), ("awq", 0, 100), ("smoothquant", 0, 100),
+    ("static_act_scales", 0, 100),
+], ids=["gptq-beyond-vocab", "gptq-negative", "awq", "smoothquant", "static-scales"])
+def test_calibration_ids_outside_vocabulary(algorithm, lo, hi):
     import torch
 
+    from quantlab.algorithms.awq import awq
+    from quantlab.algorithms.calibration import static_act_scales
     from quantlab.algorithms.gptq import gptq
+    from quantlab.algorithms.smoothquant import smooth_model
+    from quantlab.schemes import get_scheme
 
-    model = _llama()
+    run = {"gptq": lambda m, ids: gptq(m, "w8a16", ids),
+           "awq": lambda m, ids: awq(m, "w4a16", ids),
+           "smoothquant": lambda m, ids: smooth_model(m, ids),
+           "static_act_scales": lambda m, ids: static_act_scales(
+               m, get_scheme("fp8_per_tensor"), ids)}[algorithm]
     ids = torch.randint(lo, hi, (2, 512), generator=torch.Generator().manual_seed(0))
     ids[0, 0], ids[0, 1] = lo, hi - 1
     with pytest.raises(ValueError, match=f"run from {lo} to {hi - 1}.*vocabulary has 64 tokens"):
-        gptq(model, "w4a16", ids)
+        run(_llama(), ids)
 
 
 def test_audit_sniffs_magic_without_reading_the_file(tmp_path, monkeypatch):
@@ -712,3 +723,10 @@ def test_missing_shard_named_not_dropped(tmp_path):
         "w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(FileNotFoundError, match=r"lacks: \['model-00002-of-00002.safetensors'\]"):
         read_safetensors_dir(tmp_path)
+
+
+def test_empty_model_name_refused():
+    from quantlab.models import load_causal_lm
+
+    with pytest.raises(ValueError, match="model name is empty"):
+        load_causal_lm("")  # Path("") is the working folder: never load from there by accident

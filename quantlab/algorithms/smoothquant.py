@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from quantlab.algorithms.calibration import (
     check_calibration,
+    check_token_ids,
     decoder_layers,
     input_hooks,
     static_act_scales,
@@ -59,6 +60,7 @@ def smooth_model(model: nn.Module, calib: Tensor, alpha: float = 0.5) -> nn.Modu
                          "paper's default; 0.75-0.85 for models with strong outliers)")
     layers = decoder_layers(model)
     check_calibration(calib)
+    check_token_ids(model, calib)
     readers = {}
     for i, layer in enumerate(layers):
         readers[f"{i}.attn"] = layer.self_attn.q_proj
