@@ -131,7 +131,7 @@ NVFP4_KW = dict(group_size=16, scale_format="e4m3", scale_rule="nvfp4")
 
 PRESETS: dict[str, Scheme] = {s.name: s for s in (
     Scheme("fp8_per_tensor", FP8_TENSOR, _ts("e4m3", "tensor", dynamic=False),
-           "FP8 W8A8, one fp32 scale per tensor, static activation scale (vLLM fp8)"),
+           "FP8 W8A8, one fp32 scale per tensor, static (calibrated) activation scale"),
     Scheme("fp8_dynamic", _ts("e4m3", "channel"), _ts("e4m3", "token"),
            "FP8 per-channel weights, dynamic per-token activations (llm-compressor FP8_DYNAMIC)"),
     Scheme("fp8_block", _ts("e4m3", "block", block=(128, 128)),
