@@ -54,17 +54,36 @@ def cmd_compare(args) -> int:
 
     schemes = _schemes(args.schemes)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    model, tok = models.load_causal_lm(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = cmp.choose_pipeline(args.pipeline, args.model, device)
+    src = args.model or str(models.embedded_lm_dir())
+    if pipeline == "sequential":  # one decoder layer in memory at a time (quantlab.compare)
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        if not Path(src).is_dir():
+            raise ValueError(f"--pipeline sequential reads a local model directory (config.json "
+                             f"and safetensors shards); {src} is none: download it first, or "
+                             "use --pipeline in-memory")
+        model, tok = None, AutoTokenizer.from_pretrained(src, local_files_only=True)
+    else:
+        model, tok = models.load_causal_lm(args.model)
     label = args.model or f"embedded {models.EMBEDDED_LM}"
     from quantlab.io.cli import read_text_file
 
     eval_text = (read_text_file(args.eval_file, "--eval-file") if args.eval_file
                  else models.eval_text())
     print(f"Model: {label}. Evaluating {len(schemes)} schemes x {len(algorithms)} algorithms "
-          f"on {args.eval_tokens} held-out tokens ...")
-    base, rows = cmp.compare(model, tok, eval_text, models.calib_text(), schemes, algorithms,
-                             seq_len=args.seq_len, eval_tokens=args.eval_tokens,
-                             calib_tokens=args.calib_tokens)
+          f"on {args.eval_tokens} held-out tokens ({pipeline}) ...")
+    sizes = dict(seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                 calib_tokens=args.calib_tokens)
+    if model is None:
+        base, rows = cmp.compare_sequential(src, tok, eval_text, models.calib_text(), schemes,
+                                            algorithms, device=device, **sizes)
+    else:
+        base, rows = cmp.compare(model, tok, eval_text, models.calib_text(), schemes,
+                                 algorithms, **sizes)
     table = [{"scheme": "unquantized", "algorithm": "-", "bits_per_weight": 16.0,
               "size_mib": base["size_mib"], "perplexity": base["perplexity"], "delta_ppl": 0.0,
               "kl": 0.0, "worst": "-"}]
@@ -183,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--calib-tokens", type=at_least(1), default=2048,
                    help="calibration tokens for static scales and the calibrated algorithms")
     c.add_argument("--eval-file", help="text to measure perplexity on (default: embedded eval)")
+    c.add_argument("--pipeline", choices=("auto", "sequential", "in-memory"), default="auto",
+                   help="sequential: one decoder layer in memory at a time, read from a local "
+                   "model directory's safetensors (rtn, gptq); in-memory: the whole model in "
+                   "float32; auto: sequential when that would not fit in half the free memory")
+    c.add_argument("--device", help="where sequential layers run: cpu or cuda (default: cuda "
+                   "when present)")
     c.add_argument("--report", default="quantlab-report.html", help="HTML report path ('' = none)")
     c.add_argument("--json", help="also write the rows to this JSON file")
     c.set_defaults(func=cmd_compare)
