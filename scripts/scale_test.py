@@ -1,7 +1,11 @@
 """Scale test of the layer-sequential export: a Llama-3-8B-shaped checkpoint with random bf16
 weights, written shard by shard under a temporary folder (removed after), exported with
 `quantlab export --pipeline sequential` in a child process whose wall time and peak RSS
-(os.wait4's ru_maxrss) are reported, then audited and loaded in transformers + compressed-tensors.
+(os.wait4's ru_maxrss) are reported, then audited and loaded in transformers +
+compressed-tensors: the whole model at --load-check-layers depth (from_pretrained), and the
+deepest export one decoder layer at a time (scripts/load_check.py: compressed-tensors'
+decompressor, transformers' LlamaDecoderLayer, a finite forward through every layer), each as
+a child with its peak RSS.
 
     python scripts/scale_test.py                                  # 8B shape, w4a16 + fp8_dynamic
     python scripts/scale_test.py --layers 8,16,32 --schemes w4a16 # RSS against depth
@@ -99,6 +103,13 @@ def load_check(path: Path) -> str:
     return f"rc={rc} {wall:.0f} s {rss:.2f} GB: {out.strip().splitlines()[-1] if out else ''}"
 
 
+def layer_load_check(path: Path) -> str:
+    """scripts/load_check.py on the export: every layer through third-party code, one at a time."""
+    script = Path(__file__).resolve().parent / "load_check.py"
+    rc, wall, rss, out = measured([sys.executable, str(script), str(path)])
+    return f"rc={rc} {wall:.0f} s {rss:.2f} GB: {out.strip().splitlines()[-1] if out else ''}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", default="32", help="comma-separated depths (the deepest written)")
@@ -112,6 +123,8 @@ def main() -> int:
     ap.add_argument("--audit", action="store_true", help="quantlab audit each deepest export")
     ap.add_argument("--load-check-layers", type=int, default=4,
                     help="also export a version this deep and load it in transformers (0: skip)")
+    ap.add_argument("--no-layer-load", dest="layer_load", action="store_false",
+                    help="skip the one-layer-at-a-time third-party load of the deepest export")
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--checkpoint", help="export this existing checkpoint folder (its config's "
                     "depth is the deepest) instead of writing one; it is kept")
@@ -149,6 +162,8 @@ def main() -> int:
                         [sys.executable, "-m", "quantlab.cli", "audit", str(out)])
                     row["audit"] = f"rc={arc} {atail.strip().splitlines()[-1]}"
                     row["audit_rss_gb"] = round(arss, 2)
+                if args.layer_load and d == depths[-1]:
+                    row["layer_load"] = layer_load_check(out)
                 if d == args.load_check_layers:
                     row["load"] = load_check(out)
                 print(json.dumps(row), flush=True)
