@@ -207,6 +207,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def screenshot(page: Path, chromium: str, shots: Path, height: int) -> list[Path]:
     """Screenshot the whole page, `height` CSS px tall at WIDTH_PX wide: one image, or tiles of
     TILE_PX, each from a copy of the page shifted up to the tile's top."""
+    page, shots = page.resolve(), shots.resolve()
     shots.mkdir(parents=True, exist_ok=True)
     for old in shots.glob(page.stem + ".*png"):  # the tiles of an earlier, longer page
         if re.fullmatch(re.escape(page.stem) + r"(\.\d+)?\.png", old.name):
@@ -237,6 +238,7 @@ def check_page(page: Path, chromium: str, shots: Path | None = None,
                source: Path | None = None) -> dict:
     """Probe one page; returns the probe's report plus `source_formulas` (from `source`, the
     page's MyST source, when given) and the screenshot paths (when `shots` is given)."""
+    page = page.resolve()  # chromium needs a file:// URI
     html = page.read_text(encoding="utf-8")
     probe = page.with_name(page.stem + ".quantlab-check.html")
     html = re.sub(r"<head>", "<head>" + PROBE_HEAD, html, count=1)
