@@ -306,7 +306,7 @@ def compare_sequential(model_dir, tokenizer, eval_text: str, calib_text: str,
         src = next(n for n, m in model.named_modules() if m is emb) + ".weight"
     head.load_state_dict({"weight": ckpt.load([src])[src].to(device).float()}, assign=True)
     vocab = head.out_features
-    chunk = max(1, min(batch_size, 2**26 // (seq_len * vocab)))  # logits <= 256 MB a chunk
+    chunk = max(1, min(batch_size, 2**24 // (seq_len * vocab)))  # logits <= 64 MB a chunk
     targets_ = windows.to(device)
     nll = [0.0] * (len(jobs) + 1)
     kl = [0.0] * len(jobs)
