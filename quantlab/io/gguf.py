@@ -155,11 +155,18 @@ def _quantized_entry(name: str, q: QuantizedTensor, heads: int | None,
 
 
 def _float_entry(w: Tensor, heads: int | None) -> tuple[np.ndarray, str]:
-    """An unquantized weight as GGUF stores it: F32 when 1-D (norms), else F16."""
-    w = w.detach().float().cpu()
+    """An unquantized weight as GGUF stores it: F32 when 1-D (norms), else F16, converted 16M
+    values at a time through float32 (no float32 copy of a whole 128256-row embedding)."""
+    w = w.detach().cpu()
     if heads:
         w = w[rope_permutation(w.shape[0], heads)]
-    return (w.numpy(), "F32") if w.ndim == 1 else (w.to(torch.float16).numpy(), "F16")
+    if w.ndim == 1:
+        return w.float().numpy(), "F32"
+    out = torch.empty(w.shape, dtype=torch.float16)
+    rows = max(1, 2**24 // max(1, w[0].numel()))
+    for i in range(0, len(w), rows):
+        out[i:i + rows] = w[i:i + rows].float().to(torch.float16)
+    return out.numpy(), "F16"
 
 
 def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, str]]:
