@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantlab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    from quantlab.io.cli import at_least, scheme_list
+    from quantlab.io.cli import at_least, device_name, scheme_list
 
     c = sub.add_parser("compare", help="quantize a causal LM with each scheme: perplexity, KL")
     c.add_argument("--model", help="Hugging Face id or local directory (default: embedded LM)")
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sequential: one decoder layer in memory at a time, read from a local "
                    "model directory's safetensors (rtn, gptq); in-memory: the whole model in "
                    "float32; auto: sequential when that would not fit in half the free memory")
-    c.add_argument("--device", help="where sequential layers run: cpu or cuda (default: cuda "
-                   "when present)")
+    c.add_argument("--device", type=device_name, help="where sequential layers run: cpu, cuda "
+                   "or cuda:N (default: cuda when present)")
     c.add_argument("--report", default="quantlab-report.html", help="HTML report path ('' = none)")
     c.add_argument("--json", help="also write the rows to this JSON file")
     c.set_defaults(func=cmd_compare)

@@ -421,6 +421,11 @@ def test_audit_reports_unsupported_gguf_type(tmp_path):
     ("export --scheme w4a16 --out x --calib-tokens 0", "--calib-tokens.*too small"),
     ("compare --algorithms ''", "--algorithms: is empty"),
     ("compare --algorithms rtn,gtpq", "--algorithms: unknown 'gtpq'"),
+    ("export --scheme w4a16 --out x --shard-size 0", "--shard-size.*positive size"),
+    ("export --scheme w4a16 --out x --shard-size lots", "--shard-size.*not a size"),
+    ("export --scheme w4a16 --out x --pipeline sequential --device nosuch",
+     "--device.*'nosuch' is not a device"),
+    ("compare --device gpu0", "--device.*'gpu0' is not a device"),
 ], ids=lambda v: v if " " in v else "")
 def test_cli_flags(argv, words, capsys):
     import re
@@ -432,6 +437,19 @@ def test_cli_flags(argv, words, capsys):
         main(shlex.split(argv))
     assert info.value.code == 2
     assert re.search(words, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", [["--shard-size", "5MB"]] + (
+    [["--device", "cuda"]] if __import__("torch").cuda.is_available() else []))
+def test_export_flags_the_in_memory_pipeline_would_ignore(flag, tmp_path, capsys):
+    """The in-memory pipeline writes one file on the CPU: a shard size or a GPU is refused there
+    (it was silently ignored), before any model is loaded."""
+    from quantlab.cli import main
+
+    out = tmp_path / "q"
+    assert main(["export", "--scheme", "w4a16", "--out", str(out), *flag]) == 2
+    assert f"{flag[0]} applies to the layer-by-layer pipeline" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_binary_eval_file(tmp_path, monkeypatch, capsys):

@@ -31,6 +31,40 @@ def at_least(low: int):
     return parse
 
 
+def shard_size(text: str) -> int:
+    """An argparse type for --shard-size: a positive number of bytes, with an optional
+    KB/MB/GB/KiB/MiB/GiB unit."""
+    from quantlab.io.stream import _size
+
+    try:
+        n = _size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give e.g. 500MB or 2GB") \
+            from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is {n} bytes: give a positive size (e.g. "
+                                         "500MB)")
+    return n
+
+
+def device_name(text: str) -> str:
+    """An argparse type for --device: cpu, cuda or cuda:N, and a GPU that is here."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: quantlab runs layers on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU here (torch "
+                                         f"{torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has "
+                                         f"{torch.cuda.device_count()} GPU(s)")
+    return text
+
+
 def scheme_list(text: str) -> str:
     """An argparse type for --schemes: a non-empty comma-separated list (empty is an error, not
     "all schemes"; leave the flag out for all)."""
@@ -100,6 +134,14 @@ def cmd_export(args) -> int:
                    (not scheme.activations.dynamic or scheme.activations.scale_rule == NVFP4))
     if _sequential(args):
         return _export_sequential(args, scheme, needs_calib)
+    # the in-memory pipeline writes one file and runs on the CPU: flags it would ignore are errors
+    ignored = [f for f, v in (("--shard-size", args.shard_size is not None),
+                              ("--device", args.device and torch.device(args.device).type != "cpu"))
+               if v]
+    if ignored:
+        raise ValueError(f"{ignored[0]} applies to the layer-by-layer pipeline: add --pipeline "
+                         f"sequential (--model is {args.model or 'the embedded model'}), or leave "
+                         f"{ignored[0]} out")
     model, tok, src, label = _load(args.model)
     calib = _calib_ids(tok, args.calib_file, args.calib_tokens) if needs_calib else None
     base_params = {n: p.detach().to(DTYPES[args.dtype]).float() for n, p in
@@ -174,7 +216,8 @@ def _export_sequential(args, scheme, needs_calib: bool) -> int:
     start = time.perf_counter()
     path = export_sequential(src, scheme, out, algorithm=args.algorithm, calib=calib,
                              device=args.device, dtype=DTYPES[args.dtype],
-                             max_shard_bytes=args.shard_size, overwrite=args.overwrite,
+                             max_shard_bytes=args.shard_size or "1GB",
+                             overwrite=args.overwrite,
                              tokenizer=tok, to=args.to, name=label)
     if args.to == "gguf":
         size = path.stat().st_size
@@ -231,10 +274,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    "memory bounded by a layer, written as layers finish (compressed-tensors "
                    "shards or GGUF tensors; auto: for a local --model directory); in-memory: "
                    "the whole model in float32 (the reference)")
-    e.add_argument("--device", help="where sequential layers run: cpu or cuda (default: cuda "
-                   "when present)")
-    e.add_argument("--shard-size", default="1GB",
-                   help="largest output shard of the sequential pipeline (e.g. 500MB, 2GB)")
+    e.add_argument("--device", type=device_name, help="where sequential layers run: cpu, cuda "
+                   "or cuda:N (default: cuda when present)")
+    e.add_argument("--shard-size", type=shard_size,
+                   help="largest output shard of the sequential pipeline (e.g. 500MB; default "
+                   "1GB)")
     e.set_defaults(func=cmd_export)
     return e
 
