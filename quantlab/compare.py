@@ -114,6 +114,9 @@ def choose_pipeline(pipeline: str, model: str | None, device: str) -> str:
 
     if pipeline not in ("auto", "sequential", "in-memory"):
         raise ValueError(f"--pipeline {pipeline!r}: use auto, sequential or in-memory")
+    if model is not None and not str(model).strip():  # Path('') is the working folder
+        raise ValueError("the model name is empty: give a Hugging Face id or a local directory, "
+                         "or leave --model out for the embedded model")
     if pipeline != "auto":
         return pipeline
     if model is None or not Path(model).is_dir():

@@ -748,3 +748,11 @@ def test_empty_model_name_refused():
 
     with pytest.raises(ValueError, match="model name is empty"):
         load_causal_lm("")  # Path("") is the working folder: never load from there by accident
+
+
+def test_compare_empty_model_name(capsys):
+    """`--model ''` once read the working folder as a model (Path('') is '.')."""
+    from quantlab.cli import main
+
+    assert main(["compare", "--model", "", "--schemes", "w4a16", "--eval-tokens", "512"]) == 2
+    assert "model name is empty" in capsys.readouterr().err
