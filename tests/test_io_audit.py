@@ -101,11 +101,18 @@ def test_cli_export_and_audit(tiny, tmp_path, capsys):  # noqa: F811
     sub = p.add_subparsers(dest="command", required=True)
     add_export_parser(sub)
     add_audit_parser(sub)
+    # in memory, the export re-reads itself with gguf (--verify); layer by layer (the default
+    # for a local directory) holds no whole model to compare with and points at audit instead
     args = p.parse_args(["export", "--model", str(tiny[2]), "--scheme", "gguf_q8_0",
-                         "--to", "gguf", "--out", str(tmp_path)])
+                         "--to", "gguf", "--out", str(tmp_path), "--pipeline", "in-memory"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "7 bit-exact" in out and "llama-server -m" in out
+    next(tmp_path.glob("*.gguf")).unlink()
+    args = p.parse_args(["export", "--model", str(tiny[2]), "--scheme", "gguf_q8_0",
+                         "--to", "gguf", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "quantlab audit" in capsys.readouterr().out
     path = next(tmp_path.glob("*.gguf"))
     args = p.parse_args(["audit", str(path), "--reference", str(tiny[2])])
     assert args.func(args) == 0
