@@ -1,4 +1,4 @@
-"""Shared fixtures for the tests/test_io_*.py modules: a tiny random Llama with a byte-level BPE
+"""Shared fixtures for the I/O and export tests: a tiny random Llama with a byte-level BPE
 tokenizer, saved like a Hugging Face checkpoint (bf16-exact weights, as the embedded model)."""
 
 from __future__ import annotations
@@ -36,6 +36,26 @@ def make_tiny(path):
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     return model, hf_tok
+
+
+def make_sharded_llama(path):
+    """A 2-layer random Llama (hidden 128, GQA 4/2 heads, K = 128: whole GGUF blocks) saved as
+    3+ bf16 safetensors shards with an index, and the embedded model's tokenizer files (what
+    load_causal_lm and the exporters want). Returns path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantlab import models
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path, max_shard_size="200KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).write_bytes((models.embedded_lm_dir() / f).read_bytes())
+    assert len(list(path.glob("*.safetensors"))) >= 2
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
 
 
 @pytest.fixture(scope="session")

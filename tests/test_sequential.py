@@ -18,6 +18,7 @@ from quantlab.io.safetensors_io import read_safetensors_dir
 from quantlab.nn import quantize_model
 from quantlab.schemes import get_scheme
 from quantlab.sequential import export_sequential, layer_list
+from tests.test_io_fixtures import make_sharded_llama
 
 
 def _reference(model_dir, scheme, out, algorithm="rtn", calib=None):
@@ -57,21 +58,8 @@ def _assert_same(ref, seq):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 2-layer Llama (hidden 128, GQA 4/2 heads) saved as 3+ bf16 shards with an index."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                      max_position_embeddings=256, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    model.save_pretrained(path, max_shard_size="200KB")
-    for f in ("tokenizer.json", "tokenizer_config.json"):  # load_causal_lm wants a tokenizer
-        (path / f).write_bytes((models.embedded_lm_dir() / f).read_bytes())
-    assert len(list(path.glob("*.safetensors"))) >= 2
-    assert (path / "model.safetensors.index.json").is_file()
-    return path
+    """A 2-layer Llama saved as 3+ bf16 shards with an index (tests/test_io_fixtures.py)."""
+    return make_sharded_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def _calib(vocab: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from quantlab import models
 from quantlab.cli import main
+from tests.test_io_fixtures import make_sharded_llama
 
 
 def test_embedded_rtn_gguf_byte_identical(tmp_path):
@@ -23,18 +24,8 @@ def test_embedded_rtn_gguf_byte_identical(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A 2-layer Llama in 3+ bf16 shards with the embedded tokenizer (K = 128: GGUF blocks)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                      max_position_embeddings=256, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("tiny-gguf") / "llama"
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path, max_shard_size="200KB")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (path / f).write_bytes((models.embedded_lm_dir() / f).read_bytes())
-    return path
+    """A 2-layer Llama in 3+ bf16 shards with the embedded tokenizer (tests/test_io_fixtures.py)."""
+    return make_sharded_llama(tmp_path_factory.mktemp("tiny-gguf") / "llama")
 
 
 def test_tiny_awq_gguf_byte_identical(tiny_dir, tmp_path):
