@@ -234,7 +234,7 @@ def forward(model: nn.Module, cache: StaticCache, ids: Tensor, pos: Tensor) -> T
     mask = pos[:, None] >= torch.arange(L, device=ids.device)[None]          # (T, L)
     # decode steps through the decode-attention kernel: always for int8 / fp8 codes, and for a
     # bf16 cache on a GPU (SDPA with a mask over the whole static cache took 41 ms per 8B step
-    # at 32k context and batch 1 on an H200, 9x the kernel)
+    # at 32k context and batch 1 on an H200, 7x the kernel's whole step)
     kernel = T == 1 and (cache.ks is not None or ids.is_cuda)
     lens = (pos[-1:] + 1).to(torch.int32).repeat(B) if kernel else None
     rms, add_rms, rope = (_piece(n, h) for n in ("rms", "add_rms", "rope"))

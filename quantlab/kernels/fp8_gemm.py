@@ -15,7 +15,8 @@ mantissa bits than fp32, and Triton's default on sm_90 never promotes the runnin
 (max_num_imprecise_acc_default = 2**30), so the error grew with K (2-5x torch._scaled_mm's at
 K = 4k-19k, M >= 64). Each BLOCK_K-deep partial sum is promoted into an fp32 accumulator
 (max_num_imprecise_acc = BLOCK_K), as CUTLASS and DeepGEMM do every 128 k: the error then
-equals cuBLAS's at every K (tests/kernels/test_kernels_fp8.py, GPU only).
+stays within 1.2x of cuBLAS's up to K = 28672 (tests/kernels/test_kernels_fp8.py, GPU
+only; measured equal within 1e-6 on an H200).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ scale), per-(token, head) fp32 scales (B, H_kv, T), and per-sequence lengths (B,
 The kernel dequantizes in registers: an int8 or E4M3 code is exact in bf16 and fp16, so the code
 goes to the tensor cores as a 16-bit float and the scale multiplies the score (keys) or the
 probability (values), one multiply per token instead of one per element. E4M3 codes go as fp16
-(one packed conversion per two codes; q rounded to fp16, far inside its range): 1.07-1.43x
+(q rounded to fp16, far inside its range): 1.07-1.43x
 faster than through bf16 on an H200 (`python -m quantlab.kv.bench --tune`: 1-16 sequences of
 8k-32k tokens). int8 codes convert to bf16 directly: an fp16 route by mantissa bit arithmetic
 (1024 + code + 128 as fp16 bits) measured 4-9% slower there. Both reach 23-75% of their byte
