@@ -91,3 +91,17 @@ def test_non_gguf_scheme_refused(tiny, calib_ids, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="quantize with gguf_q8_0 or gguf_q4_0"):
         qg.export_gguf(quantized(tiny, calib_ids, "w4a16"), tmp_path / "x.gguf", tiny[1])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_linear_bias_refused_not_dropped(tiny, calib_ids, tmp_path):  # noqa: F811
+    """A Llama GGUF has no bias tensors: a model with q_proj biases (Qwen2-style) is refused,
+    never written without them."""
+    import copy
+
+    model = quantized(tiny, calib_ids, "gguf_q8_0")
+    model = copy.deepcopy(model)
+    q = model.model.layers[0].self_attn.q_proj
+    q.bias = torch.nn.Parameter(torch.ones(q.qweight.shape[0]), requires_grad=False)
+    with pytest.raises(ValueError, match="q_proj has a bias"):
+        qg.export_gguf(model, tmp_path / "x.gguf", tiny[1])
+    assert list(tmp_path.iterdir()) == []

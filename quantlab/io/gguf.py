@@ -182,6 +182,11 @@ def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, str]]:
         base = names[mod_name]
         if base is None:
             raise ValueError(f"gguf has no tensor name for {mod_name}")
+        if getattr(mod, "bias", None) is not None:  # llama.cpp's Llama graph has no biases
+            raise ValueError(f"{mod_name} has a bias, which a llama.cpp Llama GGUF file has no "
+                             "place for (quantlab writes Llama's embedding, norms and seven "
+                             "projections per layer); convert this model with llama.cpp's "
+                             "convert_hf_to_gguf.py")
         heads = _rope_heads(mod_name, cfg)
         if isinstance(mod, QuantLinear):
             data, qtype = _quantized_entry(mod_name, mod.qweight, heads)
