@@ -6,7 +6,8 @@
 Needs a CUDA GPU. For every (shape, M) it times, with triton.testing.do_bench (median; do_bench
 clears the L2 cache before every timed call, so weights are read from DRAM even when they would
 fit in L2): cuBLAS bf16 (F.linear), our W4A16 kernel (symmetric and asymmetric, g = 128),
-torch.ops.aten._weight_int4pack_mm (tinygemm), our FP8 GEMM and torch._scaled_mm with the same
+torch.ops.aten._weight_int4pack_mm (tinygemm), vLLM's Marlin (gptq_marlin, built from source by
+scripts/peers/marlin_peer.py when .peers/ holds it), our FP8 GEMM and torch._scaled_mm with the same
 scale granularity (tensor, row, 128-block), our MXFP4/NVFP4 dequant GEMMs, gemlite when it is
 installed; then the quantize kernels. floor_ms = bytes moved (each input read once, output
 written once) / measured copy bandwidth; compute_ms = 2MNK / measured matmul rate. Rows go to
@@ -34,7 +35,7 @@ SHAPES = {  # (name, N, K) of the fused linear layers vLLM runs
             ("down", 8192, 28672)],
 }
 MS = (1, 4, 16, 64, 256, 1024, 4096)
-KERNELS = ("bf16", "w4a16", "int4pack", "fp8", "fp4", "gemlite", "quant")
+KERNELS = ("bf16", "w4a16", "int4pack", "fp8", "fp4", "gemlite", "marlin", "quant")
 
 
 def bench(fn, rep: int = 25) -> float:
@@ -125,6 +126,32 @@ def gemlite_peer(w_codes, scales, g):
     return lambda x: layer(x)
 
 
+def _marlin_module():
+    """scripts/peers/marlin_peer.py, imported by path (scripts/ is not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "peers" / "marlin_peer.py"
+    if "quantlab_marlin_peer_py" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("quantlab_marlin_peer_py", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["quantlab_marlin_peer_py"] = mod
+    return sys.modules["quantlab_marlin_peer_py"]
+
+
+def marlin_peer(w_codes, scales, g):
+    """vLLM's gptq_marlin GEMM (uint4b8 weights, i.e. code + 8 with the 8 subtracted in the
+    kernel; fp32 global reduce as vLLM runs it on Hopper), from the peer build in
+    scripts/peers/. Its scales are read in the activation dtype, so ours are rounded to bf16
+    (rel_err shows it)."""
+    if g != 128:
+        raise ValueError("the Marlin peer is built for group size 128 only")
+    mp = _marlin_module()
+    packed = mp.pack(w_codes, scales)
+    return lambda x: mp.matmul(x, packed)
+
+
 def scaled_mm_peer(xq, xs, wq, ws, kind):
     """torch._scaled_mm with the same granularity; rows padded to 16 (cuBLAS needs it)."""
     M = xq.shape[0]
@@ -158,6 +185,14 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
         except ImportError:
             print("gemlite not installed: skipped")
             kernels = [k for k in kernels if k != "gemlite"]
+    if "marlin" in kernels:
+        print("marlin peer: building (first build on a machine compiles CUDA, ~1-2 min)",
+              flush=True)
+        try:
+            _marlin_module().build()
+        except Exception as e:  # no .peers/ sources, no nvcc, a compile error ...
+            print(f"marlin peer not available ({type(e).__name__}: {str(e)[-300:]}): skipped")
+            kernels = [k for k in kernels if k != "marlin"]
     for model in models:
         for name, N, K in SHAPES[model]:
             if layers and name not in layers:
@@ -165,7 +200,7 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
             torch.manual_seed(0)
             W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             prep = {}
-            if {"w4a16", "int4pack", "gemlite"} & set(kernels):
+            if {"w4a16", "int4pack", "gemlite", "marlin"} & set(kernels):
                 q = quantize(W, "w4a16")
                 prep["w4"] = w4a16.from_quantized(q)
                 prep["w4_ref"] = w4a16.dequantize_int4(prep["w4"])
@@ -175,6 +210,11 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                     prep["tiny"] = int4pack_peer(q.codes, q.scales, 128)
                 if "gemlite" in kernels:
                     prep["gemlite"] = gemlite_peer(q.codes, q.scales, 128)
+                if "marlin" in kernels:
+                    try:
+                        prep["marlin"] = marlin_peer(q.codes, q.scales, 128)
+                    except Exception as e:
+                        prep["marlin"] = e
                 del q
             if "fp8" in kernels:
                 wq_t = quantize(W, "fp8_per_tensor")
@@ -205,6 +245,13 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                            prep["w4"].nbytes + io, ref=r4, **tag)
                 if "gemlite" in kernels:
                     sw.add("gemlite_w4a16", M, N, K, partial(prep["gemlite"], x),
+                           prep["w4"].nbytes + io, ref=F.linear(x, prep["w4_ref"]), **tag)
+                if "marlin" in kernels:
+                    mfn = prep["marlin"]
+                    if isinstance(mfn, Exception):  # pack failed: the row says why
+                        def mfn(x, e=mfn):
+                            raise e
+                    sw.add("marlin_w4a16", M, N, K, partial(mfn, x),
                            prep["w4"].nbytes + io, ref=F.linear(x, prep["w4_ref"]), **tag)
                 if "fp8" in kernels:
                     for kind, (wq, ws) in prep["fp8"].items():
@@ -337,9 +384,10 @@ def summarize(rows):
                 r["kernel"]] = r
     pairs = [("ours_w4a16", "cublas_bf16"), ("ours_w4a16", "aten_int4pack"),
              ("ours_fp8_row", "scaled_mm_row"), ("ours_fp8_block", "scaled_mm_block"),
-             ("ours_fp8_tensor", "scaled_mm_tensor"), ("ours_w4a16", "gemlite_w4a16")]
+             ("ours_fp8_tensor", "scaled_mm_tensor"), ("ours_w4a16", "gemlite_w4a16"),
+             ("ours_w4a16", "marlin_w4a16")]
     print("\nmodel layer      M   w4a16_ms  floor%  x_vs_bf16  x_vs_int4pack  fp8row/peer  "
-          "fp8blk/peer  fp8t/peer  x_vs_gemlite  mxfp4_ms nvfp4_ms")
+          "fp8blk/peer  fp8t/peer  x_vs_gemlite  x_vs_marlin  mxfp4_ms nvfp4_ms")
     for (model, layer, M, _N, _K), d in sorted(by.items()):
         if "ours_w4a16" not in d and "quant" not in layer:
             continue
@@ -351,7 +399,7 @@ def summarize(rows):
         print(f"{model:5} {layer:8} {M:5}  {w.get('ms', float('nan')):8.4f}  "
               f"{100 * w.get('floor_frac', math.nan):5.1f}  {sp(*pairs[0]):>9}  {sp(*pairs[1]):>13}"
               f"  {sp(*pairs[2]):>11}  {sp(*pairs[3]):>11}  {sp(*pairs[4]):>9}"
-              f"  {sp(*pairs[5]):>12}  "
+              f"  {sp(*pairs[5]):>12}  {sp(*pairs[6]):>11}  "
               f"{d.get('ours_mxfp4', {}).get('ms', math.nan):8.4f} "
               f"{d.get('ours_nvfp4', {}).get('ms', math.nan):8.4f}")
     for r in rows:
