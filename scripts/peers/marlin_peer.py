@@ -4,7 +4,8 @@
 
 The upstream CUDA sources are not part of quantlab: they are copied, unchanged, into the ignored
 folder .peers/gptq_marlin/ (from ModelCloud/GPTQModel's gptqmodel_ext/marlin, a standalone
-packaging of vLLM's csrc/quantization/gptq_marlin; .peers/gptq_marlin/SOURCE names the commit).
+packaging of vLLM's csrc/quantization/gptq_marlin; .peers/gptq_marlin/SOURCE names the commit)
+by scripts/peers/get_marlin_source.sh from a clone of that repository.
 build() compiles them with torch's C++ extension loader into /tmp, for sm_90 only, together
 with quantlab's own binding (marlin_shim.cpp) and two files it writes itself: the template
 instantiations of the one case we need (4-bit weights stored as uint4b8, i.e. code + 8, group
