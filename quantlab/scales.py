@@ -41,6 +41,12 @@ def round_scale(s: Tensor, scale_format: str) -> Tensor:
     return fmt.decode(fmt.encode(s))
 
 
+def _div_const(t: Tensor, c: float) -> Tensor:
+    """t / c correctly rounded on any device. (On CUDA, PyTorch divides a tensor by a Python
+    scalar as t * (1 / c), which is 1 ulp off for some t: a scale 1 ulp off moves codes.)"""
+    return t / torch.full((), c, dtype=t.dtype, device=t.device)
+
+
 def _safe_div(x: Tensor, s: Tensor) -> Tensor:
     """x / s with x / 0 = 0: a zero scale means the whole group was zero (or underflowed)."""
     return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, 1.0, s))
@@ -121,7 +127,7 @@ class Absmax(ScaleRule):
 
     def quantize(self, x, g, ts, scale=None):
         fmt = ts.element
-        s = g.abs().amax(-1, keepdim=True) / fmt.max if scale is None else \
+        s = _div_const(g.abs().amax(-1, keepdim=True), fmt.max) if scale is None else \
             _fit(scale, g, ts.granularity.scale_shape(x.shape))
         s = round_scale(s, ts.scale_format)
         v = _safe_div(g, s)
@@ -193,7 +199,7 @@ class MXRceil(MX):
     suffix: ClassVar[str] = " (RCEIL)"
 
     def exponent(self, amax, fmt):
-        r = amax / fmt.max
+        r = _div_const(amax, fmt.max)
         _, e = torch.frexp(r)
         m, _ = torch.frexp(r)
         return torch.where(m == 0.5, e - 1, e)  # r = 2**(e-1) exactly: no rounding up
@@ -203,9 +209,9 @@ def nvfp4_scales(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """x: the float32 tensor; g: its (..., n_blocks, 16) view -> (global fp32 scalar, E4M3 block
     scales as float32 (..., n_blocks, 1)). global = amax / (448 * 6), multiplied on decode."""
     amax = x.abs().amax()
-    glob = amax / NVFP4_GLOBAL_DENOM
+    glob = _div_const(amax, NVFP4_GLOBAL_DENOM)
     glob = torch.where(glob == 0, torch.ones_like(glob), glob)
-    s = g.abs().amax(-1, keepdim=True) / 6.0 / glob
+    s = _div_const(g.abs().amax(-1, keepdim=True), 6.0) / glob
     return glob, E4M3.round(s, overflow="saturate")
 
 
@@ -241,7 +247,7 @@ class GGUFQ8_0(GGUF):
     ggml_type: ClassVar[str] = "Q8_0"
 
     def quantize(self, x, g, ts, scale=None):
-        d = g.abs().amax(-1, keepdim=True) / 127
+        d = _div_const(g.abs().amax(-1, keepdim=True), 127)
         codes = _round_half_away(g * _inverse(d)).to(torch.int8)
         return codes, round_scale(d, "fp16"), None, None
 

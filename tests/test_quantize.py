@@ -255,3 +255,18 @@ def test_storage_accounting_matches_bits():
     q = quantize(gaussian(64, 256), "w4a16")
     assert q.storage_bits == 64 * 256 * 4 + 64 * 2 * 16
     assert q.nbytes == math.ceil(q.storage_bits / 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["w8a16", "fp8_dynamic", "fp8_block", "mxfp4_a16", "nvfp4_a16",
+                                    "gguf_q8_0", "w4a16"])
+def test_reference_quantizer_is_the_same_on_cuda_and_cpu(scheme):
+    """Scales are divided correctly rounded on every device (PyTorch's CUDA division by a Python
+    scalar multiplies by its reciprocal, 1 ulp off for some values): same codes and scales."""
+    from quantlab import quantize
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(512, 1024, generator=g) * torch.logspace(-3, 1, 1024)).to(torch.bfloat16)
+    cpu, gpu = quantize(w.float(), scheme), quantize(w.float().cuda(), scheme)
+    assert torch.equal(cpu.codes, gpu.codes.cpu())
+    assert torch.equal(cpu.scales, gpu.scales.cpu())
