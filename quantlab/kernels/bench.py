@@ -5,7 +5,8 @@
 
 Needs a CUDA GPU. For every (shape, M) it times, with triton.testing.do_bench (median; do_bench
 clears the L2 cache before every timed call, so weights are read from DRAM even when they would
-fit in L2): cuBLAS bf16 (F.linear), our W4A16 kernel (symmetric and asymmetric, g = 128),
+fit in L2): cuBLAS bf16 (F.linear), our W4A16 kernel (symmetric and asymmetric, g = 128; the
+symmetric one also with its scales in bf16, x's dtype, as vLLM holds them: ours_w4a16_bf16s),
 torch.ops.aten._weight_int4pack_mm (tinygemm), vLLM's Marlin (gptq_marlin, built from source by
 scripts/peers/marlin_peer.py when .peers/ holds it), our FP8 GEMM and torch._scaled_mm with the same
 scale granularity (tensor, row, 128-block), our MXFP4/NVFP4 dequant GEMMs, gemlite when it is
@@ -204,6 +205,9 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                 q = quantize(W, "w4a16")
                 prep["w4"] = w4a16.from_quantized(q)
                 prep["w4_ref"] = w4a16.dequantize_int4(prep["w4"])
+                # scales in x's dtype, as vLLM holds them (the 16-bit "pairs" dequant path)
+                prep["w4b"] = w4a16.from_quantized(q, scale_dtype=torch.bfloat16)
+                prep["w4b_ref"] = w4a16.dequantize_int4(prep["w4b"])
                 prep["w4a"] = w4a16.from_quantized(quantize(W, "w4a16_asym"))
                 prep["w4a_ref"] = w4a16.dequantize_int4(prep["w4a"])
                 if "int4pack" in kernels:
@@ -235,6 +239,7 @@ def gemm_sweep(sw: Sweep, models, Ms, kernels, save=lambda: None, layers=None):
                     sw.add("cublas_bf16", M, N, K, partial(F.linear, x, W), N * K * 2 + io, **tag)
                 if "w4a16" in kernels:
                     for kname, w, wr in (("ours_w4a16", prep["w4"], prep["w4_ref"]),
+                                         ("ours_w4a16_bf16s", prep["w4b"], prep["w4b_ref"]),
                                          ("ours_w4a16_asym", prep["w4a"], prep["w4a_ref"])):
                         row = sw.add(kname, M, N, K, partial(w4a16.w4a16_matmul, x, w),
                                      w.nbytes + io, ref=F.linear(x, wr), **tag)

@@ -13,10 +13,35 @@ Packed layout (`Int4Weight`), chosen so that unpacking needs no shuffles:
   K-group-major so that one group's scales for a tile of rows are one contiguous load.
   g (the group size) is a multiple of 16 that divides 128, or a multiple of 128.
 
-The kernel computes out^T = W x^T ("swap AB"): the dequantized weight tile is the tensor-core
-A operand straight from registers and the small activation tile is B, so decode batches
-(M = 1..16) waste no work on padding M up to 64. Split-K adds fp32 partial sums with atomics
-when the N tiles alone would leave SMs idle.
+Three kernels share the layout. _w4a16_kernel ("dot") computes out^T = W x^T ("swap AB"): the
+dequantized weight tile is the tensor-core A operand straight from registers and the small
+activation tile is B, so decode batches (M = 1..16) waste no work on padding M up to 64; it
+restages x per 16-wide slice. _w4a16_mm_kernel ("mm", M >= 16) is the plain orientation: the
+x tile (BLOCK_M, BLOCK_K) is the A operand, loaded once per K step so that Triton pipelines it,
+and the weight tile is unpacked with one broadcast shift per 128-block to (BLOCK_N, 16, 8) and
+reshaped to (BLOCK_N, 128), whose column c holds k = 16 (c % 8) + c // 8; x's columns follow
+that order, or the weight tile is permuted back to K's order (both are timed). Dequantization
+there is (float(0x4B000000 | nibble) - (2^23 + zero)) * scale in fp32: exact until the one
+rounding to the activation dtype, as in dequantize_int4. Split-K (both kernels) adds fp32
+partial sums with atomics when the output tiles alone would leave SMs idle.
+
+The 16-bit "pairs" path: when w.scales.dtype == x.dtype (pack_int4 / from_quantized with
+scale_dtype=x.dtype), "mm" configs with a trailing 1 dequantize two weights per 32-bit
+operation instead of one per fp32 one (_pairs_asm: one lop3 puts two nibbles into the
+mantissas of two 16-bit magic numbers, then two packed 16x2 fmas subtract magic + zero and
+apply the scale; inline PTX on the GPU, a plain-Triton twin in the interpreter). The result is
+bit-identical to dequantize_int4 (n - zero is a small integer, exact in 16 bits, and the one
+rounding is that of the product), checked on the GPU for bf16 and fp16 in every k order. On an
+H200 (triton 3.6, 8B and 70B layer shapes, group 128, bf16 x; cuBLAS bf16 time / ours) it is
+the faster path at M = 16 in 6 of 8 shapes (1.00-1.46 against 1.02-1.37 for the fp16-scale
+default) and at M = 64 in all 8 (0.64-1.01 against 0.51-0.80); at M = 128 it adds at most
+0.04 (0.45-0.67 against 0.43-0.63), and from M = 256 dequantize + cuBLAS (0.43-0.92) beats
+"mm" with either dequantization (0.27-0.48). Casting the scales to the activation dtype costs
+them precision only when that is bf16; vLLM does the same when it loads GPTQ and
+compressed-tensors W4A16 checkpoints: it allocates the scale parameters in params_dtype, the
+model's dtype, and loads the checkpoint's scales into them (GPTQMarlinLinearMethod.create_weights
+in vllm/model_executor/layers/quantization/gptq_marlin.py; CompressedTensorsWNA16.create_weights
+in .../compressed_tensors/schemes/compressed_tensors_wNa16.py).
 
 For M <= 4 a CUDA-core GEMV (_w4a16_gemv_kernel) is also timed: it keeps the word tile, x and
 the partial sums in one register layout (no shared-memory round trip per 16-wide chunk, which is
@@ -26,6 +51,7 @@ words with 16-byte loads and applies scales once per group and column.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +66,11 @@ from quantlab.kernels._runtime import (
     check_dtype,
     interpreted,
     pick_config,
+    picked,
 )
 
 ACT_DTYPES = (torch.bfloat16, torch.float16)
+_ASM_FAILED: dict[tuple, str] = {}  # "mm" configs whose inline-PTX dequantization failed
 
 
 @dataclass
@@ -98,10 +126,12 @@ def unpack_words(words: Tensor) -> Tensor:
 
 
 def pack_int4(codes: Tensor, scales: Tensor, group_size: int = 128,
-              zero_points: Tensor | None = None) -> Int4Weight:
+              zero_points: Tensor | None = None,
+              scale_dtype: torch.dtype | None = None) -> Int4Weight:
     """codes (N, K) int (symmetric: [-8, 7]; with zero_points: [0, 15]), scales (N, K // g)
-    float, zero_points (N, K // g) int in [0, 15] or None -> Int4Weight (scales kept as fp16
-    unless given as bf16)."""
+    float, zero_points (N, K // g) int in [0, 15] or None -> Int4Weight. Scales are stored in
+    scale_dtype (fp16 or bf16; default: as given when fp16/bf16, else fp16). Scales in the
+    activation dtype let the "mm" path dequantize in 16-bit arithmetic, two weights at a time."""
     N, K = codes.shape
     _check_group(K, group_size)
     if scales.shape != (N, K // group_size):
@@ -112,7 +142,9 @@ def pack_int4(codes: Tensor, scales: Tensor, group_size: int = 128,
         raise ValueError(f"codes must lie in [{lo}, {hi}] "
                          f"({'asymmetric' if zero_points is not None else 'symmetric'})")
     words = pack_words(c if zero_points is not None else c + 8)
-    sdt = scales.dtype if scales.dtype in ACT_DTYPES else torch.float16
+    if scale_dtype is not None and scale_dtype not in ACT_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype}: use torch.float16 or torch.bfloat16")
+    sdt = scale_dtype or (scales.dtype if scales.dtype in ACT_DTYPES else torch.float16)
     zeros = None
     if zero_points is not None:
         if zero_points.shape != scales.shape:
@@ -131,13 +163,14 @@ def unpack_int4(w: Int4Weight) -> tuple[Tensor, Tensor, Tensor | None]:
     return nib.to(torch.uint8), w.scales.t().contiguous(), w.zeros.t().contiguous()
 
 
-def from_quantized(q) -> Int4Weight:
-    """A quantlab QuantizedTensor of scheme w4a16 / w4a16_asym (2-D) -> Int4Weight."""
+def from_quantized(q, scale_dtype: torch.dtype | None = None) -> Int4Weight:
+    """A quantlab QuantizedTensor of scheme w4a16 / w4a16_asym (2-D) -> Int4Weight, scales
+    stored in scale_dtype (see pack_int4; pass the activation dtype for the fastest "mm")."""
     ts = q.scheme
     if (ts.format not in ("int4", "uint4") or not isinstance(ts.granularity, Group)
             or q.codes.ndim != 2):
         raise ValueError(f"need a 2-D int4/uint4 group-quantized tensor, got {ts.describe()}")
-    return pack_int4(q.codes, q.scales, ts.group_size, q.zero_points)
+    return pack_int4(q.codes, q.scales, ts.group_size, q.zero_points, scale_dtype)
 
 
 def dequantize_int4(w: Int4Weight, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -305,6 +338,238 @@ def _w4a16_gemv_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+def _pairs_asm(ty: str, magic: int, one: int) -> str:
+    """PTX for one packed word -> its 8 weights as 16-bit outputs $0..$7 (weight j = nibble j).
+    Inputs: $8 the word, $9..$12 the scale pairs and $13..$16 the pairs -(magic + zero) for the
+    nibble pairs (s, s + 4), s = 0..3, low half first. Per pair: one lop3 ORs nibbles s and s + 4
+    of the word (shifted right by 4 s) into the mantissas of two 16-bit floats magic + nibble,
+    one fma subtracts magic + zero (exact: small integers), one fma by the scale (adding -0)
+    rounds the exact product once, as dequantize_int4's cast of the fp32 product does."""
+    lines = ["{", ".reg .b32 t, u, one, mz;", f"mov.b32 one, {one:#010x};",
+             "mov.b32 mz, 0x80008000;"]
+    for k in range(4):
+        src = "$8"
+        if k:
+            lines.append(f"shr.u32 u, $8, {4 * k};")
+            src = "u"
+        lines += [f"lop3.b32 t, {src}, 0x000F000F, {magic:#010x}, 0xEA;",
+                  f"fma.rn.{ty} t, t, one, ${13 + k};",
+                  f"fma.rn.{ty} t, t, ${9 + k}, mz;",
+                  f"mov.b32 {{${k}, ${k + 4}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM_BF16 = tl.constexpr(_pairs_asm("bf16x2", 0x43004300, 0x3F803F80))  # 128 + nibble, 1.0
+_ASM_F16 = tl.constexpr(_pairs_asm("f16x2", 0x64006400, 0x3C003C00))    # 1024 + nibble, 1.0
+_ASM_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
+
+
+@triton.jit
+def _bits16(v, dtype: tl.constexpr):
+    """A tensor of 16-bit floats (dtype) -> their bits in the low half of an int32."""
+    return v.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _pair_consts(s_ptr, z_ptr, N, offs_n, n_ok, blocks, s: tl.constexpr, dtype: tl.constexpr,
+                 MAGIC: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """For nibble pair (s, s + 4) of the words of 128-blocks `blocks` (R,) and rows offs_n ->
+    (scale pair, -(MAGIC + zero) pair), (BLOCK_N, R) int32 each, chunk s in the low half."""
+    if GROUP >= 128:
+        g_lo = blocks * 128 // GROUP
+        g_hi = g_lo
+    else:
+        g_lo = blocks * (128 // GROUP) + s // (GROUP // 16)
+        g_hi = blocks * (128 // GROUP) + (s + 4) // (GROUP // 16)
+    off_lo = g_lo[None, :] * N + offs_n[:, None]
+    off_hi = g_hi[None, :] * N + offs_n[:, None]
+    ok = n_ok[:, None]
+    sc_lo = _bits16(tl.load(s_ptr + off_lo, mask=ok, other=0.0), dtype)
+    sc_hi = _bits16(tl.load(s_ptr + off_hi, mask=ok, other=0.0), dtype)
+    if HAS_ZERO:
+        z_lo = tl.load(z_ptr + off_lo, mask=ok, other=0).to(tl.float32)
+        z_hi = tl.load(z_ptr + off_hi, mask=ok, other=0).to(tl.float32)
+    else:
+        z_lo = tl.full(off_lo.shape, 8.0, tl.float32)
+        z_hi = z_lo
+    nz_lo = _bits16(-(z_lo + MAGIC), dtype)
+    nz_hi = _bits16(-(z_hi + MAGIC), dtype)
+    return sc_lo | (sc_hi << 16), nz_lo | (nz_hi << 16)
+
+
+@triton.jit
+def _pairs_emulated(word, sp, nzp, s: tl.constexpr, dtype: tl.constexpr, MAGIC: tl.constexpr):
+    """What the PTX of _pairs_asm computes for nibble pair (s, s + 4), in plain Triton (for the
+    interpreter, which cannot run inline PTX): -> the two weights' bits as int16."""
+    lo = (((word >> (4 * s)) & 0xF).to(tl.float32) + MAGIC
+          + (nzp & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32))
+    hi = (((word >> (4 * s + 16)) & 0xF).to(tl.float32) + MAGIC
+          + ((nzp >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32))
+    w_lo = lo * (sp & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    w_hi = hi * ((sp >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    return (w_lo.to(dtype).to(tl.int16, bitcast=True),
+            w_hi.to(dtype).to(tl.int16, bitcast=True))
+
+
+@triton.jit
+def _unpack_block_pairs(w_ptr, s_ptr, z_ptr, N, KW, offs_n, n_ok, kb0, dtype: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                        R: tl.constexpr, PERMUTE_W: tl.constexpr, ASM: tl.constexpr,
+                        MAGIC: tl.constexpr):
+    """_unpack_block for scales stored in the activation dtype: two weights per 32-bit
+    operation in 16-bit float arithmetic (_pairs_asm; emulated when ASM is False), about 2
+    instructions per weight against about 6 in fp32. The 8 outputs per word are joined back
+    to (BLOCK_N, R, 16, 8) = (n, r, i, j), the same tile as _unpack_block's, bit for bit."""
+    offs_r = tl.arange(0, R)
+    offs_i = tl.arange(0, 16)
+    wp = (w_ptr + offs_n[:, None, None] * KW + (kb0 + offs_r)[None, :, None] * 16
+          + offs_i[None, None, :])
+    words = tl.load(wp, mask=n_ok[:, None, None], other=0)                     # (BN, R, 16)
+    blocks = kb0 + offs_r
+    sp0, nz0 = _pair_consts(s_ptr, z_ptr, N, offs_n, n_ok, blocks, 0, dtype, MAGIC,
+                            GROUP, HAS_ZERO)
+    if GROUP >= 128:  # one group per (row, block): the same pairs for every nibble
+        sp1, nz1, sp2, nz2, sp3, nz3 = sp0, nz0, sp0, nz0, sp0, nz0
+    else:
+        sp1, nz1 = _pair_consts(s_ptr, z_ptr, N, offs_n, n_ok, blocks, 1, dtype,
+                                MAGIC, GROUP, HAS_ZERO)
+        sp2, nz2 = _pair_consts(s_ptr, z_ptr, N, offs_n, n_ok, blocks, 2, dtype,
+                                MAGIC, GROUP, HAS_ZERO)
+        sp3, nz3 = _pair_consts(s_ptr, z_ptr, N, offs_n, n_ok, blocks, 3, dtype,
+                                MAGIC, GROUP, HAS_ZERO)
+    if ASM:
+        args = [words, sp0[:, :, None], sp1[:, :, None], sp2[:, :, None], sp3[:, :, None],
+                nz0[:, :, None], nz1[:, :, None], nz2[:, :, None], nz3[:, :, None]]
+        if dtype == tl.bfloat16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _ASM_BF16, _ASM_CONSTRAINTS, args, dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _ASM_F16, _ASM_CONSTRAINTS, args, dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    else:
+        o0, o4 = _pairs_emulated(words, sp0[:, :, None], nz0[:, :, None], 0, dtype,
+                                 MAGIC)
+        o1, o5 = _pairs_emulated(words, sp1[:, :, None], nz1[:, :, None], 1, dtype,
+                                 MAGIC)
+        o2, o6 = _pairs_emulated(words, sp2[:, :, None], nz2[:, :, None], 2, dtype,
+                                 MAGIC)
+        o3, o7 = _pairs_emulated(words, sp3[:, :, None], nz3[:, :, None], 3, dtype,
+                                 MAGIC)
+    # (..., u, v, w) flattens to j = 4 u + 2 v + w: the innermost join picks w, so leaf
+    # (w, v) is join(o[2 v + w], o[4 + 2 v + w]).
+    q0 = tl.join(tl.join(o0, o4), tl.join(o2, o6))
+    q1 = tl.join(tl.join(o1, o5), tl.join(o3, o7))
+    w = tl.reshape(tl.join(q0, q1), (BLOCK_N, R, 16, 8)).to(dtype, bitcast=True)
+    if PERMUTE_W:
+        w = tl.permute(w, (0, 1, 3, 2))                                        # (n, r, j, i)
+    return tl.reshape(w, (BLOCK_N, 128 * R))
+
+
+@triton.jit
+def _unpack_block(w_ptr, s_ptr, z_ptr, N, KW, offs_n, n_ok, kb0, dtype: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                  R: tl.constexpr, PERMUTE_W: tl.constexpr):
+    """R consecutive 128-blocks of K starting at block kb0, for a tile of rows -> (BLOCK_N,
+    128 R) weights in `dtype`, equal to dequantize_int4's. The (BLOCK_N, 16 R) word tile is
+    loaded once and unpacked by one broadcast shift to (BLOCK_N, R, 16, 8) = (n, r, i, j),
+    the weight at k = 128 (kb0 + r) + 16 j + i; reshaped as is (PERMUTE_W False), column c of
+    block r holds k = 16 (c % 8) + c // 8, so x must be loaded in that order; PERMUTE_W swaps
+    (i, j) first, giving K in natural order. Dequantization: the nibble OR 0x4B000000 is the
+    float 2^23 + nibble; subtracting 2^23 + zero is exact, and so is the product with a 16-bit
+    scale in fp32 (at most 4 + 11 significant bits), so the cast rounds once, as the reference."""
+    offs_r = tl.arange(0, R)
+    offs_i = tl.arange(0, 16)
+    offs_j = tl.arange(0, 8)
+    wp = (w_ptr + offs_n[:, None, None] * KW + (kb0 + offs_r)[None, :, None] * 16
+          + offs_i[None, None, :])
+    words = tl.load(wp, mask=n_ok[:, None, None], other=0)                     # (BN, R, 16)
+    nib = (words[:, :, :, None] >> (4 * offs_j)[None, None, None, :]) & 0xF    # (BN, R, 16, 8)
+    f = (nib | 0x4B000000).to(tl.float32, bitcast=True)                        # 2^23 + nibble
+    if GROUP >= 128:  # one group per (row, block)
+        g = ((kb0 + offs_r) * 128 // GROUP)[None, :, None, None]
+    else:  # group of chunk j of block r
+        g = ((kb0 + offs_r)[:, None] * (128 // GROUP)
+             + offs_j[None, :] // (GROUP // 16))[None, :, None, :]
+    sz_off = g * N + offs_n[:, None, None, None]
+    sz_ok = n_ok[:, None, None, None]
+    s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0).to(tl.float32) + 8388608.0
+    else:
+        z = 8388616.0  # 2^23 + 8
+    w = ((f - z) * s).to(dtype)
+    if PERMUTE_W:
+        w = tl.permute(w, (0, 1, 3, 2))                                        # (n, r, j, i)
+    return tl.reshape(w, (BLOCK_N, 128 * R))
+
+
+@triton.jit
+def _w4a16_mm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,   # as in _w4a16_kernel
+    M, N, K, stride_xm, stride_om, steps_per_split,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, ORDER: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    PAIRS: tl.constexpr = False, ASM: tl.constexpr = False, MAGIC: tl.constexpr = 128.0,
+):
+    """Tensor-core path for M >= 16, not swapped: the x tile (BLOCK_M, BLOCK_K) is the dot's A
+    operand, loaded once per K step (so Triton can pipeline it over num_stages), and the weight
+    tile, unpacked by _unpack_block, is B. The order of k within a 128-block (a dot product
+    does not care about it) is the unpacked words' order, x's columns gathered to match
+    (ORDER 0) or x loaded contiguously and permuted in registers (2); or K's natural order, the
+    weight tile permuted instead (1).
+    Programs walk the (M, N) tiles in bands of GROUP_M tiles of M per N column, so that
+    neighbours share x and weight tiles in L2; grid axis 1 splits K (fp32 atomics)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * num_n
+    first_m = (pid // band) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % rows
+    pid_n = (pid % band) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    KW = tl.multiple_of(K // 8, 16)
+    R: tl.constexpr = BLOCK_K // 128
+    offs_c = tl.arange(0, BLOCK_K)
+    if ORDER != 0:
+        offs_k = offs_c
+    else:  # column c of 128-block r holds k = 128 r + 16 (c % 8) + c // 8
+        cc = offs_c % 128
+        offs_k = (offs_c - cc) + 16 * (cc % 8) + cc // 8
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    n_steps = K // BLOCK_K
+    start = pid_k * steps_per_split
+    end = tl.minimum(start + steps_per_split, n_steps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(start, end):
+        xt = tl.load(x_rows + step * BLOCK_K, mask=m_ok[:, None], other=0.0)
+        if ORDER == 2:  # (m, r, j, i) -> (m, r, i, j): the unpacked words' order
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_M, R, 8, 16)), (0, 1, 3, 2)),
+                            (BLOCK_M, BLOCK_K))
+        if PAIRS:  # scales in x's dtype: dequantize two weights per 32-bit operation
+            wt = _unpack_block_pairs(w_ptr, s_ptr, z_ptr, N, KW, offs_n, n_ok, step * R,
+                                     x_ptr.dtype.element_ty, GROUP, HAS_ZERO, BLOCK_N, R,
+                                     ORDER == 1, ASM, MAGIC)
+        else:
+            wt = _unpack_block(w_ptr, s_ptr, z_ptr, N, KW, offs_n, n_ok, step * R,
+                               x_ptr.dtype.element_ty, GROUP, HAS_ZERO, BLOCK_N, R, ORDER == 1)
+        if DOT_F32:  # the interpreter mis-multiplies cast bf16 tensors (triton 3.9)
+            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -337,15 +602,23 @@ def dequantize_int4_triton(w: Int4Weight, dtype: torch.dtype) -> Tensor:
 
 
 def _launch(x2: Tensor, w: Int4Weight, cfg: tuple) -> Tensor:
-    """cfg = ("dot", BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages): tensor cores;
+    """cfg = ("mm", BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages, GROUP_M, ORDER
+    [, PAIRS]): tensor cores, x as the A operand (_w4a16_mm_kernel; ORDER 0/1/2 = x gathered /
+    weight permuted / x permuted; PAIRS 1: 16-bit dequantization in pairs when w.scales.dtype
+    is x's, else ignored; a config whose inline PTX fails to compile falls back to fp32 with a
+    warning and is remembered in _ASM_FAILED);
+    ("dot", BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages): tensor cores, swapped
+    (x as B: small M);
     ("gemv", 1, BLOCK_N, 128, split_k, num_warps, flags): CUDA cores, one program per row of x
     (for small M), flags = 1 to prefetch the next block's words, + 2 to unpack nibbles in pairs
     (see _w4a16_gemv_kernel); ("dequant",): dequantize with
     a Triton kernel, then cuBLAS (large M)."""
     if cfg[0] == "dequant":
         return torch.nn.functional.linear(x2, dequantize_int4_triton(w, x2.dtype))
-    path, BM, BN, BK, split, warps, stages = cfg
+    path, BM, BN, BK, split, warps, stages = cfg[:7]
     M, K = x2.shape
+    if K % BK:
+        raise ValueError(f"config {cfg}: BLOCK_K={BK} does not divide K={K}")
     N = w.qweight.shape[0]
     n_steps = K // BK
     per = -(-n_steps // split)
@@ -360,6 +633,33 @@ def _launch(x2: Tensor, w: Int4Weight, cfg: tuple) -> Tensor:
             *args, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, SUB=min(w.group_size, 128),
             BLOCK_N=BN, AHEAD=stages % 2 == 1, PAIRS=stages >= 2 and w.group_size >= 32,
             ATOMIC=atomic, num_warps=warps, num_stages=1)
+    elif path == "mm":
+        group_m, order = cfg[7:9]
+        pairs = len(cfg) > 9 and bool(cfg[9]) and w.scales.dtype == x2.dtype
+        asm = pairs and not interpreted()
+        if asm and cfg in _ASM_FAILED:
+            pairs = asm = False
+        launch = _w4a16_mm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), split)]
+        kw = dict(GROUP=w.group_size, HAS_ZERO=w.zeros is not None, BLOCK_M=BM, BLOCK_N=BN,
+                  BLOCK_K=BK, GROUP_M=group_m, ORDER=order, ATOMIC=atomic, DOT_F32=interpreted(),
+                  MAGIC=128.0 if x2.dtype == torch.bfloat16 else 1024.0, num_warps=warps,
+                  num_stages=stages)
+        if not asm:
+            launch(*args, PAIRS=pairs, **kw)
+        else:
+            try:
+                launch(*args, PAIRS=True, ASM=True, **kw)
+            except Exception as e:  # noqa: BLE001  (inline PTX this GPU/Triton rejects)
+                from triton.runtime.errors import OutOfResources
+
+                if isinstance(e, OutOfResources):
+                    raise
+                _ASM_FAILED[cfg] = f"{type(e).__name__}: {str(e)[:300]}"
+                warnings.warn(f"w4a16: the 16-bit dequantization of {cfg} failed to compile "
+                              f"({_ASM_FAILED[cfg][:120]}); using the fp32 one", stacklevel=2)
+                if atomic:
+                    out.zero_()
+                launch(*args, PAIRS=False, **kw)
     else:
         _w4a16_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM), split)](
             *args, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, BLOCK_M=BM, BLOCK_N=BN,
@@ -367,13 +667,19 @@ def _launch(x2: Tensor, w: Int4Weight, cfg: tuple) -> Tensor:
     return out.to(x2.dtype) if atomic else out
 
 
-def _candidates(M: int, N: int, K: int, sms: int, group: int = 128) -> list[tuple]:
-    """Configs worth timing for this shape (see _launch for the tuple)."""
+def _candidates(M: int, N: int, K: int, sms: int, group: int = 128,
+                pairs: bool = False) -> list[tuple]:
+    """Configs worth timing for this shape (see _launch for the tuples). group=129 is how
+    fp4_gemm asks for the swap-AB dot configs alone (it keeps those with path "dot").
+    pairs: the scales are in x's dtype, so the "mm" configs dequantize in 16-bit pairs (their
+    fp32 twins never won against them and are left out)."""
     if interpreted():  # small tiles keep the CPU interpreter quick; split-K exercised when K allows
         split = 2 if K >= 256 else 1
-        if M <= 4 and group <= 128:  # (fp4_gemm passes group=129: dot only)
+        if M <= 4 and group <= 128:
             return [("gemv", 1, 32, 128, split, 4, 3)]
-        return [("dot", 16, 32, 128, split, 4, 1)]
+        if group == 129 or M <= 32:
+            return [("dot", 16, 32, 128, split, 4, 1)]
+        return [("mm", 16, 32, 128, split, 4, 1, 2, 1) + ((1,) if pairs else ())]
     bk = 256 if K % 256 == 0 else 128
     out = []
 
@@ -388,20 +694,75 @@ def _candidates(M: int, N: int, K: int, sms: int, group: int = 128) -> list[tupl
                                          (128, 4, 1, 4)):
             split = split_for(M * triton.cdiv(N, bn), 128, per_sm)
             out.append(("gemv", 1, bn, 128, split, warps, flags))
-    if M <= 64:
+    if group == 129:  # the swap-AB dot configs, as before the "mm" path existed
+        if M <= 64:
+            bm = max(16, triton.next_power_of_2(M))
+            for bn, stages in ((64, 4), (128, 3)):
+                tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+                out.append(("dot", bm, bn, bk, split_for(tiles, bk), 4, stages))
+            return out
+        return out + [("dot", 128, 128, 128, 1, 8, 3), ("dot", 64, 128, 128, 1, 4, 4)]
+    if M <= 64:  # swap-AB dot: decode-sized batches waste nothing on padding M
         bm = max(16, triton.next_power_of_2(M))
-        for bn, stages in ((64, 4), (128, 3)):
+        # from M = 16 only the 128-wide tile ever won the sweep; below 16 both are timed
+        for bn, stages in ((64, 4), (128, 3)) if M < 16 else ((128, 3),):
             tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
             out.append(("dot", bm, bn, bk, split_for(tiles, bk), 4, stages))
+    if M < 16:
         return out
-    out += [("dot", 128, 128, 128, 1, 8, 3), ("dot", 64, 128, 128, 1, 4, 4)]
+    # "mm": x as the A operand, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, ORDER),
+    # GROUP_M 8, in 16-bit pairs when the scales are in x's dtype (pairs) and in fp32 otherwise:
+    # the configs that won scripts/sweep_w4a16.py on an H200 (8B and 70B shapes, round 2;
+    # cuBLAS bf16 time / ours). M <= 32: the swap-AB dot won every shape with fp16 scales
+    # (1.02-1.37); with bf16 scales the pairs "mm" 16 x 128 x 256 won 6 of 8 (the pick:
+    # 1.03-1.46). M = 64: pairs 64 x 128 x 128 (x permuted) won all 8 (0.64-1.01); with fp16
+    # scales that tile or 64 x 256 in fp32, once the dot (0.51-0.80). M = 128: "mm" 128 x 256
+    # or dequantize + cuBLAS (0.43-0.66); dequantize + cuBLAS won 15 of 16 at M = 256 and all
+    # at 1024 and 4096 (0.43-0.92; "mm" at most 0.48).
+    if M <= 32:
+        tiles = ((max(16, triton.next_power_of_2(M)), 128, bk, 4, 3, 1),) if pairs else ()
+    elif M <= 64:
+        tiles = ((64, 128, 128, 4, 4, 2),) + (() if pairs else ((64, 256, bk, 8, 2, 1),))
+    elif M <= 256:
+        tiles = ((128, 256, 128, 8, 3, 1),)
+    else:
+        tiles = ()
+    for bm, bn, bk_, warps, stages, order in tiles:
+        split = split_for(triton.cdiv(M, bm) * triton.cdiv(N, bn), bk_, 1)
+        cfg = ("mm", bm, bn, bk_, split, warps, stages, 8, order)
+        out.append(cfg + (1,) if pairs else cfg)
     if M >= 128:
         out.append(("dequant",))
     return out
 
 
+def _check_groups_tensor(where: str, name: str, t: Tensor, expected: tuple, g: int) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {expected} "
+                         f"(K // group_size, N) for group_size={g}, K-group-major: build the "
+                         "weight with pack_int4 or from_quantized")
+
+
+def _that_fit(cands: list[tuple], run) -> list[tuple]:
+    """The candidates that compile and launch on this GPU (a tile can ask for more shared
+    memory than a smaller GPU has); the last error if none does."""
+    from triton.runtime.errors import OutOfResources
+
+    ok, err = [], None
+    for c in cands:
+        try:
+            run(c)
+            ok.append(c)
+        except OutOfResources as e:
+            err = e
+    if not ok:
+        raise err
+    return ok
+
+
 def _key(M, N, K, w, dtype):
-    return ("w4a16", triton.next_power_of_2(M), N, K, w.group_size, w.zeros is not None, dtype)
+    return ("w4a16", triton.next_power_of_2(M), N, K, w.group_size, w.zeros is not None, dtype,
+            w.scales.dtype)
 
 
 def _PICKED_CONFIG(M, N, K, w, dtype):
@@ -413,20 +774,31 @@ def _PICKED_CONFIG(M, N, K, w, dtype):
 def w4a16_matmul(x: Tensor, w: Int4Weight, config: tuple | None = None) -> Tensor:
     """x (..., K) bf16/fp16 @ W^T for an Int4Weight W of shape (N, K) -> (..., N) in x.dtype.
 
-    config: a _launch tuple, e.g. ("dot", 16, 64, 256, 4, 4, 4), to force one path; default: the
-    fastest of a few candidates for this shape, timed once per shape on the GPU. Paths: fused
-    dequant + tensor-core dot, fused dequant + CUDA-core GEMV (small M), and for large M a
-    Triton dequantize to 16-bit followed by cuBLAS.
+    config: a _launch tuple, e.g. ("mm", 64, 128, 256, 1, 4, 3, 8, 1), to force one path;
+    default: the fastest of a few candidates for this shape, timed once per shape on the GPU.
+    Paths: fused dequant + tensor-core dot, x as A ("mm", M >= 16) or swapped ("dot", M <= 64),
+    fused dequant + CUDA-core GEMV (M <= 4), and for M >= 128 a Triton dequantize to 16-bit
+    followed by cuBLAS. Weights packed with scales in x's dtype (from_quantized(q,
+    scale_dtype=x.dtype)) get "mm" configs that dequantize two weights per operation instead.
     """
     where = "w4a16_matmul"
     check_dtype(where, "x", x, ACT_DTYPES)
     check_dtype(where, "w.qweight", w.qweight, (torch.int32,))
-    check_device(where, "quantlab.kernels.w4a16.w4a16_matmul_ref", x, w.qweight, w.scales)
+    check_dtype(where, "w.scales", w.scales, ACT_DTYPES)
+    parts = (w.qweight, w.scales) if w.zeros is None else (w.qweight, w.scales, w.zeros)
+    check_device(where, "quantlab.kernels.w4a16.w4a16_matmul_ref", x, *parts)
+    if w.qweight.ndim != 2:
+        raise ValueError(f"{where}: w.qweight must be 2-D (N, K // 8), got shape "
+                         f"{tuple(w.qweight.shape)}")
     N, K = w.shape
     if x.shape[-1] != K:
         raise ValueError(f"{where}: x has K={x.shape[-1]} but the weight has K={K}")
     _check_group(K, w.group_size)
-    for name, t in (("w.qweight", w.qweight), ("w.scales", w.scales)):
+    _check_groups_tensor(where, "w.scales", w.scales, (K // w.group_size, N), w.group_size)
+    if w.zeros is not None:
+        check_dtype(where, "w.zeros", w.zeros, (torch.uint8,))
+        _check_groups_tensor(where, "w.zeros", w.zeros, (K // w.group_size, N), w.group_size)
+    for name, t in zip(("w.qweight", "w.scales", "w.zeros"), parts, strict=False):
         check_contiguous(where, name, t)
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -436,6 +808,9 @@ def w4a16_matmul(x: Tensor, w: Int4Weight, config: tuple | None = None) -> Tenso
     if config is None:
         sms = (1 if interpreted()
                else torch.cuda.get_device_properties(x.device).multi_processor_count)
-        cands = _candidates(M, N, K, sms, w.group_size)
-        config = pick_config(_key(M, N, K, w, x.dtype), cands, lambda c: _launch(x2, w, c))
+        key = _key(M, N, K, w, x.dtype)
+        cands = _candidates(M, N, K, sms, w.group_size, w.scales.dtype == x.dtype)
+        if len(cands) > 1 and picked(key) is None:
+            cands = _that_fit(cands, lambda c: _launch(x2, w, c))
+        config = pick_config(key, cands, lambda c: _launch(x2, w, c))
     return _launch(x2, w, config).reshape(*x.shape[:-1], N)
