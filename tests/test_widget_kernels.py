@@ -94,3 +94,54 @@ def test_kernel_summary_ratios():
     assert s["fp8"]["row"] == [pytest.approx(0.9)] and s["fp8"]["block"] == []
     assert s["gemlite"] is None
     assert s["vs_cublas_mid"] is None  # no M in 64..1024
+
+
+def _w4a16_bench(with_marlin):
+    """8b gate_up at M = 1 and 256: ours, cuBLAS, tinygemm, gemlite and (optionally) Marlin."""
+    ms = {"ours_w4a16": (0.046, 0.206), "cublas_bf16": (0.069, 0.100),
+          "aten_int4pack": (0.038, 2.08), "gemlite_w4a16": (0.043, 0.314),
+          "marlin_w4a16": (0.036, 0.182)}
+    rows = [{"kernel": k, "M": M, "N": 28672, "K": 4096, "model": "8b", "layer": "gate_up",
+             "ms": t, "floor_ms": 0.0143, "compute_ms": 2e-4 * M,
+             "floor_frac": round(max(0.0143, 2e-4 * M) / t, 4), "rel_err": 0.003}
+            for k, ts in ms.items() if with_marlin or k != "marlin_w4a16"
+            for M, t in zip((1, 256), ts, strict=True)]
+    return {"header": {"device": "GPU", "date": "d", "bandwidth": 4000.0, "bf16_tflops": 700.0,
+                       "fp8_tflops": 1300.0}, "rows": rows}
+
+
+@pytest.mark.parametrize("with_marlin", [True, False])
+def test_w4a16_figure_and_panel_show_marlin_only_when_measured(with_marlin):
+    from quantlab.viz.kernels import (
+        W4A16_KERNELS,
+        kernel_shapes_figure,
+        kernel_summary,
+        layer_roofline_figure,
+    )
+    from quantlab.widgets import roofline_panel
+    from quantlab.widgets.kernels import roofline_text
+
+    marlin = W4A16_KERNELS["marlin_w4a16"]
+    assert marlin == "Marlin (vLLM gptq_marlin, built from source)"
+    bench, w4 = _w4a16_bench(with_marlin), "w4a16 (int4, fp16 scale per 128)"
+    names = [t.name for t in kernel_shapes_figure(bench, W4A16_KERNELS, floor_of="ours_w4a16",
+                                                  what="W4A16 time").data]
+    peers = ["ours (W4A16)", "cuBLAS bf16", "tinygemm (aten._weight_int4pack_mm)", "gemlite"]
+    assert names == peers + [marlin] * with_marlin + ["floor"]
+    roof = [t.name for t in layer_roofline_figure(bench, w4, 28672, 4096, 1).data]
+    assert ("measured: " + marlin in roof) is with_marlin
+    assert "measured: gemlite" in roof and "measured: cuBLAS bf16" in roof
+    text = roofline_text(bench, w4, 1, 28672, 4096)
+    assert "measured (ours_w4a16)" in text and "gemlite: 0.0430 ms, 1.07x our speed" in text
+    assert ("Marlin" in text) is with_marlin
+    fig = roofline_panel(bench).children[3].outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert ("Marlin" in str(fig)) is with_marlin
+    assert "Marlin" not in roofline_text(bench, "bf16", 1, 28672, 4096)  # not bf16's peer
+    s = kernel_summary(bench)["marlin"]
+    if not with_marlin:
+        assert s is None
+        return
+    assert s["vs_cublas"] == pytest.approx({1: 0.069 / 0.036, 256: 0.100 / 0.182})
+    assert s["ours_vs_cublas"] == pytest.approx({1: 0.069 / 0.046, 256: 0.100 / 0.206})
+    assert s["floor_frac"] == pytest.approx(0.0143 / 0.036, abs=1e-4)
+    assert s["ours_floor_frac"] == pytest.approx(0.0143 / 0.046, abs=1e-4)

@@ -1,12 +1,17 @@
 """Chapter 8's panel: a layer shape (N, K), a batch M and a scheme -> its roofline on the GPU of
-a benchmark file: arithmetic intensity, byte and compute floors, and the measured time if the
-file has that shape."""
+a benchmark file: arithmetic intensity, byte and compute floors, and the measured times of our
+kernel and of the peers the file measured beside it, if the file has that shape."""
 
 from __future__ import annotations
 
 import ipywidgets as W
 
-from quantlab.viz.kernels import ROOFLINE_SCHEMES, layer_roofline_figure, roofline_point
+from quantlab.viz.kernels import (
+    ROOFLINE_SCHEMES,
+    W4A16_KERNELS,
+    layer_roofline_figure,
+    roofline_point,
+)
 from quantlab.widgets._common import _show
 
 MS = tuple(2 ** i for i in range(13))  # 1 .. 4096: every M the benchmark sweeps is a power of 2
@@ -19,7 +24,8 @@ def _shapes(bench: dict) -> dict[str, tuple[int, int]]:
 
 
 def roofline_text(bench: dict, scheme: str, M: int, N: int, K: int) -> str:
-    """One line per number of roofline_point, as the panel shows them (HTML)."""
+    """One line per number of roofline_point, as the panel shows them (HTML); the peers' times
+    only for the peers the file measured at this shape and M."""
     p = roofline_point(bench, scheme, M, N, K)
     ridge = f"{p['ridge_M']:.0f}" if p["ridge_M"] else "never (a token's bytes outweigh it)"
     lines = [f"arithmetic intensity: {p['intensity']:.1f} FLOP per byte",
@@ -29,6 +35,9 @@ def roofline_text(bench: dict, scheme: str, M: int, N: int, K: int) -> str:
     lines.append(f"measured ({m['kernel']}): {m['ms']:.4f} ms, "
                  f"{max(p['memory_ms'], p['compute_ms']) / m['ms']:.0%} of the floor" if m else
                  "not measured at this shape and M in this file")
+    lines += [f"{W4A16_KERNELS.get(k, k)}: {r['ms']:.4f} ms"
+              + (f", {m['ms'] / r['ms']:.2f}x our speed" if m else "")
+              for k, r in p["peers"].items()]
     return "<br>".join(lines)
 
 
