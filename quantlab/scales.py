@@ -205,12 +205,17 @@ class MXRceil(MX):
         return torch.where(m == 0.5, e - 1, e)  # r = 2**(e-1) exactly: no rounding up
 
 
+def nvfp4_global_scale(amax: Tensor) -> Tensor:
+    """The NVFP4 per-tensor scale from a float32 amax: amax / (448 * 6) correctly rounded on any
+    device, 1 for amax 0 (an all-zero tensor). Multiplied on decode."""
+    glob = _div_const(amax, NVFP4_GLOBAL_DENOM)
+    return torch.where(glob == 0, torch.ones_like(glob), glob)
+
+
 def nvfp4_scales(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """x: the float32 tensor; g: its (..., n_blocks, 16) view -> (global fp32 scalar, E4M3 block
     scales as float32 (..., n_blocks, 1)). global = amax / (448 * 6), multiplied on decode."""
-    amax = x.abs().amax()
-    glob = _div_const(amax, NVFP4_GLOBAL_DENOM)
-    glob = torch.where(glob == 0, torch.ones_like(glob), glob)
+    glob = nvfp4_global_scale(x.abs().amax())
     s = _div_const(g.abs().amax(-1, keepdim=True), 6.0) / glob
     return glob, E4M3.round(s, overflow="saturate")
 

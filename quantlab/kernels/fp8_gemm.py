@@ -47,6 +47,7 @@ from quantlab.kernels._runtime import (
     interpreted,
     pick_config,
 )
+from quantlab.kernels._tiles import grouped_tile
 
 FP8 = torch.float8_e4m3fn
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -103,14 +104,7 @@ def _fp8_kernel(
     CHAIN: tl.constexpr,            # BLOCK_K steps summed on the tensor cores per fp32 add
                                     # (0: never promoted; a timing baseline, not accurate)
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -251,7 +245,7 @@ if gluon is not None:
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        pid = gl.program_id(0)
+        pid = gl.program_id(0)  # the order of _tiles.grouped_tile, in Gluon ops
         grid_m = gl.cdiv(M, BLOCK_M)
         grid_n = gl.cdiv(N, BLOCK_N)
         width = GROUP_M * grid_n

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quantlab import scales
 from quantlab.kernels._runtime import (
     check_contiguous,
     check_device,
@@ -42,7 +43,7 @@ from quantlab.kernels._runtime import (
     interpreted,
     pick_config,
 )
-from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor
+from quantlab.quantize import QuantizedTensor
 from quantlab.schemes import get_scheme
 
 IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -473,12 +474,7 @@ def quantize_per_token(x: Tensor, fmt: str = "e4m3", check_finite: bool = False,
 
 def nvfp4_global_scale(x: Tensor) -> Tensor:
     """The NVFP4 per-tensor scale, multiplied on decode: amax / (448 * 6), 1 for an all-zero x."""
-    amax = x.detach().abs().amax().float()
-    # divided by a tensor on x's device: PyTorch's CUDA kernel turns division by a Python
-    # scalar into a * (1 / b), which is 1 ulp off for about 22% of bf16 amax values (and a
-    # 1-ulp global scale moves ~1% of the codes); the reference divides correctly rounded
-    g = amax / torch.full((), NVFP4_GLOBAL_DENOM, dtype=torch.float32, device=amax.device)
-    return torch.where(g == 0, torch.ones_like(g), g)
+    return scales.nvfp4_global_scale(x.detach().abs().amax().float())  # the reference's own
 
 
 def _block_candidates(kind: str, G: int) -> list[tuple]:

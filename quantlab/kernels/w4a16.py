@@ -68,6 +68,7 @@ from quantlab.kernels._runtime import (
     pick_config,
     picked,
 )
+from quantlab.kernels._tiles import grouped_tile
 
 ACT_DTYPES = (torch.bfloat16, torch.float16)
 _ASM_FAILED: dict[tuple, str] = {}  # "mm" configs whose inline-PTX dequantization failed
@@ -520,15 +521,8 @@ def _w4a16_mm_kernel(
     weight tile permuted instead (1).
     Programs walk the (M, N) tiles in bands of GROUP_M tiles of M per N column, so that
     neighbours share x and weight tiles in L2; grid axis 1 splits K (fp32 atomics)."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * num_n
-    first_m = (pid // band) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % rows
-    pid_n = (pid % band) // rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
