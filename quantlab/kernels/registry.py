@@ -57,7 +57,9 @@ def _int4(p: dict[str, Tensor]):
 def _pack_int4(q: QuantizedTensor) -> dict[str, Tensor]:
     from quantlab.kernels.w4a16 import from_quantized
 
-    w = from_quantized(q)
+    # scales in the model's dtype, as vLLM's GPTQ-Marlin and compressed-tensors loaders hold
+    # them: for a bf16 model the kernel then takes its bf16 "pairs" dequantize
+    w = from_quantized(q, q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None)
     p = {"qweight": w.qweight, "scales": w.scales}
     if w.zeros is not None:
         p["zeros"] = w.zeros
@@ -153,7 +155,7 @@ def _fp4_ref(x, p, scheme, input_scale):
 
 REGISTRY: tuple[KernelEntry, ...] = (
     KernelEntry("w4a16", ("w4a16", "w4a16_asym"),
-                "qweight (N, K/8) int32 K-interleaved nibbles, scales (K/g, N) fp16, "
+                "qweight (N, K/8) int32 K-interleaved nibbles, scales (K/g, N) in the model dtype, "
                 "zeros (K/g, N) uint8 when asymmetric",
                 _pack_int4, _w4a16, _w4a16_ref, ("w4a16", "int4pack", "bf16")),
     KernelEntry("fp8", ("fp8_per_tensor", "fp8_dynamic", "fp8_block"),

@@ -49,6 +49,22 @@ def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None
 
 
 if triton is not None:
+    # Four int8 codes (one 32-bit register) -> four fp16 (two registers), exact: the byte b + 128
+    # (xor 0x80) placed under the fp16 exponent of 1024 reads as 1024 + b + 128; subtracting 1152
+    # leaves b. One lop3, two prmt and two packed subtractions per four codes.
+    _I8_TO_F16 = tl.constexpr(
+        "{ .reg .b32 t, hi, m; xor.b32 t, $2, 0x80808080; mov.b32 hi, 0x64646464;"
+        " mov.b32 m, 0x64806480; prmt.b32 $0, t, hi, 0x4140; prmt.b32 $1, t, hi, 0x4342;"
+        " sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }")
+
+    @triton.jit
+    def _codes_to(x, DOT: tl.constexpr, I8_PTX: tl.constexpr):
+        """Cache codes or values -> the tensor-core operand dtype DOT (exact for int8 / E4M3)."""
+        if I8_PTX:
+            return tl.inline_asm_elementwise(_I8_TO_F16, "=r,=r,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=4)
+        else:
+            return x.to(DOT)
 
     @triton.jit
     def _decode_split_kernel(
@@ -58,7 +74,8 @@ if triton is not None:
         sqb, sqh, skb, skh, skt, svb, svh, svt, ssb, ssh,  # strides (scales: token stride 1)
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, N_SPLITS,
-        DOT: tl.constexpr,  # tensor-core operand dtype: fp16 for E4M3 codes, else bf16
+        DOT: tl.constexpr,  # tensor-core operand dtype: fp16 for codes, bf16 for a bf16 cache
+        I8_PTX: tl.constexpr,  # int8 codes -> fp16 by bit arithmetic (inline PTX, GPU only)
     ):  # (fp32 under TRITON_INTERPRET)
         pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // HKV, pid_bh % HKV
@@ -75,9 +92,11 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = offs_n < end
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(DOT)))  # (GP, BLOCK_N) fp32; codes exact in DOT
+            # k read as its transpose (D, BLOCK_N): the tensor-core operand then comes from
+            # shared memory in 16-byte reads instead of single bytes
+            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skt + offs_d[:, None],
+                         mask=valid[None, :], other=0.0)
+            s = tl.dot(q, _codes_to(kt, DOT, I8_PTX))  # (GP, BLOCK_N) fp32; codes exact in DOT
             if HAS_SCALE:
                 s = s * tl.load(KS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
             s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
@@ -85,11 +104,11 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)
             if HAS_SCALE:
                 p = p * tl.load(VS + b * ssb + h * ssh + offs_n, mask=valid, other=0.0)[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), _codes_to(v, DOT, I8_PTX))
             m_i = m_new
         row = (b * HKV * G + h * G + offs_g) * N_SPLITS + pid_s  # (B, Hq, S) flat index
         gm = offs_g < G
@@ -116,27 +135,55 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _dot_dtype(fp8_codes: bool):
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_dtype(codes: bool):
     # triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (errors ~1e10 on a 16x16
     # product, checked 2026-11-23), so under TRITON_INTERPRET the dot runs in fp32: exact there.
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreted():
         return tl.float32
-    return tl.float16 if fp8_codes else tl.bfloat16
+    return tl.float16 if codes else tl.bfloat16
 
 
-def _n_splits(batch_heads: int, T: int, block_n: int, device) -> int:
-    """Enough splits for ~4 programs per SM, none shorter than one block."""
-    sms = 4
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(-(-4 * sms // batch_heads), -(-T // block_n), 256))
+def _n_splits(work: int, T: int, block_n: int, slots: int) -> int:
+    """Splits of the T axis per (sequence, kv head): `work` of those times the splits programs
+    should fill whole waves of the `slots` programs the GPU holds at once (an unfilled last
+    wave leaves SMs idle: 640 programs on 396 slots measured 54% of DRAM bandwidth under Nsight
+    Compute), with the fewest splits among the best fills (within 2%), none shorter than one
+    block."""
+    most = max(1, min(-(-T // block_n), 256, 4 * -(-slots // work)))
+    best_fill, best = 0.0, 1
+    for s in range(1, most + 1):
+        n = work * _cdiv(T, _cdiv(_cdiv(T, s), block_n) * block_n)  # programs after rounding
+        fill = n / (-(-n // slots) * slots)
+        if fill > best_fill + 0.02:
+            best_fill, best = fill, s
+    return best
+
+
+_SLOTS: dict = {}  # (device, kernel settings) -> programs resident per SM
+
+
+def _programs_per_sm(kernel, num_warps: int, device) -> int:
+    """How many programs of a compiled kernel one SM holds: its registers, shared memory and
+    threads (registers are allocated per warp in units of 256)."""
+    p = torch.cuda.get_device_properties(device)
+    kernel._init_handles()
+    regs_warp = -(-kernel.n_regs * 32 // 256) * 256
+    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // max(regs_warp, 1) // num_warps
+    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (
+        kernel.metadata.shared + 1024)
+    by_threads = p.max_threads_per_multi_processor // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = None,
                      v_scale: Tensor | None = None, lens: Tensor | None = None,
                      sm_scale: float | None = None, n_splits: int | None = None,
                      block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int = 2) -> Tensor:
+                     num_stages: int | None = None) -> Tensor:
     """Triton decode attention; same arguments as decode_attention_ref -> (B, H_q, D) in q.dtype.
     k, v: int8 or float8_e4m3fn codes with k_scale, v_scale, or bf16/fp16 with no scales.
     block_n: tokens per step (default 128 for codes, 64 for bf16: the best of the settings
@@ -169,23 +216,41 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
     if lens is None:
         lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
     G = Hq // Hkv
-    S = n_splits or _n_splits(B * Hkv, T, block_n, q.device)
+    num_stages = num_stages or (2 if plain else 3)
+    ks = k_scale.contiguous() if has_scale else lens  # dummy pointers when unused
+    vs = v_scale.contiguous() if has_scale else lens
+    settings = dict(HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+                    HAS_SCALE=has_scale, DOT=_dot_dtype(has_scale),
+                    I8_PTX=k.dtype == torch.int8 and not _interpreted(),
+                    num_warps=num_warps, num_stages=num_stages)
+
+    def args(split_len: int, op: Tensor, mp: Tensor, lp: Tensor) -> tuple:
+        return (q, k, v, ks, vs, lens, op, mp, lp,
+                (sm_scale or 1 / math.sqrt(D)) * 1.4426950408889634, split_len,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if has_scale else 0,
+                ks.stride(1) if has_scale else 0)
+
+    S = n_splits
+    if S is None:
+        slots = 4
+        if q.device.type == "cuda":
+            key = (q.device, k.dtype, q.dtype, tuple(sorted(
+                (n, str(x)) for n, x in settings.items())))
+            if key not in _SLOTS:  # compile (no launch) to read the kernel's resources
+                f32 = torch.empty(1, device=q.device)
+                kernel = _decode_split_kernel.warmup(*args(block_n, f32, f32, f32), N_SPLITS=2,
+                                                     grid=(1,), **settings)
+                _SLOTS[key] = _programs_per_sm(kernel, num_warps, q.device)
+            slots = _SLOTS[key] * torch.cuda.get_device_properties(
+                q.device).multi_processor_count
+        S = _n_splits(B * Hkv, T, block_n, slots)
     split_len = _cdiv(_cdiv(T, S), block_n) * block_n  # whole blocks per split
     S = _cdiv(T, split_len)
     op = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
     mp = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     lp = torch.empty_like(mp)
-    ks = k_scale.contiguous() if has_scale else mp  # dummy pointers when unused
-    vs = v_scale.contiguous() if has_scale else mp
-    _decode_split_kernel[(B * Hkv, S)](
-        q, k, v, ks, vs, lens, op, mp, lp, (sm_scale or 1 / math.sqrt(D)) * 1.4426950408889634,
-        split_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if has_scale else 0,
-        ks.stride(1) if has_scale else 0,
-        HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
-        HAS_SCALE=has_scale, N_SPLITS=S, DOT=_dot_dtype(k.dtype == torch.float8_e4m3fn),
-        num_warps=num_warps,
-        num_stages=num_stages)
+    _decode_split_kernel[(B * Hkv, S)](*args(split_len, op, mp, lp), N_SPLITS=S, **settings)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(B * Hq,)](op, mp, lp, out, N_SPLITS=S,
                                     SP=max(2, triton.next_power_of_2(S)), D=D)
