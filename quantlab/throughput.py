@@ -50,7 +50,6 @@ MODELS = {  # Llama-3 shapes; vocab 128256, rope theta 500000
 
 
 KV_DTYPES = {"bf16": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
-KV_MAX = {"int8": 127.0, "fp8": 448.0}
 
 
 @dataclass
@@ -92,21 +91,20 @@ class StaticCache:
 
     def write(self, i: int, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store layer i's k, v (B, kv_heads, T, D) at positions pos (T,), encoding them per
-        (token, head) as PerTokenHeadCodec does (same codes and scales; no host sync, so a CUDA
-        graph can capture it)."""
+        (token, head) as PerTokenHeadCodec does (quantlab.kv.write: one kernel launch per
+        tensor where kernels run, its reference elsewhere; no host sync, so a CUDA graph can
+        capture it)."""
+        from quantlab.kernels._runtime import interpreted
+        from quantlab.kv.write import write_per_token_head, write_per_token_head_ref
+
+        element = "int8" if self.kv == "int8" else "e4m3"
         for codes, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
             if scales is None:
                 codes[i].index_copy_(2, pos, x.to(codes[i].dtype))
-                continue
-            xf = x.float()
-            s = xf.abs().amax(-1) / KV_MAX[self.kv]                       # (B, H, T)
-            y = torch.where(s[..., None] == 0, 0.0, xf / torch.where(s == 0, 1.0, s)[..., None])
-            if self.kv == "int8":
-                codes[i].index_copy_(2, pos, y.round().clamp(-127, 127).to(torch.int8))
-            else:  # index_copy_ has no float8 kernel: copy the bytes
-                codes[i].view(torch.uint8).index_copy_(
-                    2, pos, y.to(torch.float8_e4m3fn).view(torch.uint8))
-            scales[i].index_copy_(2, pos, s)
+            elif x.is_cuda or interpreted():
+                write_per_token_head(x, codes[i], scales[i], pos, element)
+            else:
+                write_per_token_head_ref(x, codes[i], scales[i], pos, element)
 
     def read(self, i: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Layer i's whole cache as (keys, values) in dtype (decoded when quantized)."""

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from quantlab.formats import E4M3, INT8, CodebookFormat, IntFormat
+from quantlab.scales import _div_const, _safe_div
 
 Parts = dict[str, Tensor]  # every tensor (B, H, T or T // group, ...) with the token axis at dim 2
 
@@ -74,11 +75,6 @@ def static_scale(value, what: str = "static scale") -> Tensor:
                          "recalibrate it (quantlab.studies.kv.calibrate_static_scales) or leave "
                          "it out to take the first batch's amax / 448")
     return torch.tensor(v)
-
-
-def _safe_div(x: Tensor, s: Tensor) -> Tensor:
-    """x / s with 0 where s == 0 (an all-zero vector has scale 0)."""
-    return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, 1.0, s))
 
 
 @dataclass(frozen=True)
@@ -178,7 +174,7 @@ class PerTokenHeadCodec(KVCodec):
                 raise ValueError(f"{self.name} needs a calibrated per-layer scale for {role}")
             s = scale.float().reshape(1, 1, 1, 1)
         else:  # amax over the finite values: a NaN stays in its element, not its whole vector
-            s = x.nan_to_num(0, 0, 0).abs().amax(-1, keepdim=True) / self.fmt.max
+            s = _div_const(x.nan_to_num(0, 0, 0).abs().amax(-1, keepdim=True), self.fmt.max)
         y = torch.where(torch.isfinite(x), _safe_div(x, s), x)
         codes = E4M3.encode(y, overflow="saturate") if self.element == "e4m3" else INT8.encode(y)
         return {"codes": codes} if self.per_tensor else {"codes": codes, "scale": s.squeeze(-1)}
@@ -224,7 +220,7 @@ class KiviCodec(KVCodec):
     def _minmax_codes(self, g: Tensor, dim: int) -> Parts:
         fmt = IntFormat("u", self.bits, False)
         lo = g.amin(dim, keepdim=True).half()
-        s = ((g.amax(dim, keepdim=True) - lo.float()) / fmt.qmax).half()
+        s = _div_const(g.amax(dim, keepdim=True) - lo.float(), fmt.qmax).half()
         codes = fmt.encode(_safe_div(g - lo.float(), s.float()))
         return {"codes": codes, "scale": s.squeeze(dim), "min": lo.squeeze(dim)}
 
