@@ -3,16 +3,23 @@
 decode_attention_ref is the plain-torch definition; decode_attention is the Triton kernel that must
 match it. The cache is contiguous: codes k, v (B, H_kv, T, D) as int8, float8_e4m3fn or bf16 (no
 scale), per-(token, head) fp32 scales (B, H_kv, T), and per-sequence lengths (B,) int32.
-The kernel dequantizes in registers: an int8 or E4M3 code is exact in bf16 and fp16, so the code
-goes to the tensor cores as a 16-bit float and the scale multiplies the score (keys) or the
-probability (values), one multiply per token instead of one per element. E4M3 codes go as fp16
-(q rounded to fp16, far inside its range): 1.07-1.43x
-faster than through bf16 on an H200 (`python -m quantlab.kv.bench --tune`: 1-16 sequences of
-8k-32k tokens). int8 codes convert to bf16 directly: an fp16 route by mantissa bit arithmetic
-(1024 + code + 128 as fp16 bits) measured 4-9% slower there. Both reach 23-75% of their byte
-floor where a bf16 cache reaches 51-104% (data/bench/tune-kv-decode-nvidia-h200.json). Split-K
-as in flash-decoding (Dao et al. 2023): the T axis is cut into splits that run in parallel, then
-a second kernel merges their softmax states.
+
+The kernel dequantizes in registers: an int8 or E4M3 code is exact in fp16, so the codes go to the
+tensor cores as fp16 (q rounded to fp16: exact for bf16 q inside fp16's range, +-65504) and the
+scale multiplies the score (keys) or the probability (values), one multiply per token instead of
+one per element. E4M3 converts by the hardware's cvt.rn.f16x2.e4m3x2; int8 by inline PTX (a lop3,
+two prmt and two packed subtractions per four codes). Keys are read as their transpose so that
+the tensor-core operand comes from shared memory in 16-byte reads. Split-K as in flash-decoding
+(Dao et al. 2023): the T axis is cut into splits that run in parallel, then a second kernel merges
+their softmax states; the number of splits is chosen so the programs fill whole waves of what the
+GPU holds at once (_n_splits).
+
+Measured on an H200 (`python -m quantlab.kv.bench`, data/bench/kv-nvidia-h200.json, Llama-3-8B
+heads; against bf16 SDPA): int8 1.32-1.37x and fp8 1.50-1.52x at 32k tokens and batch 4-64, 1.13x
+and 1.34x at batch 1; they reach about 75% (int8) and 82% (fp8) of their byte floor where a bf16
+cache reaches 100%. The settings (128 tokens a step, 3 pipeline stages, 4 warps) are the best or
+within 6% of the best of `--tune` (data/bench/tune-kv-decode-nvidia-h200.json) on every shape it
+times, for every cache dtype. notes/kernels.md has the profile and what was tried.
 """
 
 from __future__ import annotations
@@ -186,8 +193,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
                      num_stages: int | None = None) -> Tensor:
     """Triton decode attention; same arguments as decode_attention_ref -> (B, H_q, D) in q.dtype.
     k, v: int8 or float8_e4m3fn codes with k_scale, v_scale, or bf16/fp16 with no scales.
-    block_n: tokens per step (default 128 for codes, 64 for bf16: the best of the settings
-    `python -m quantlab.kv.bench --tune` swept on an H200)."""
+    block_n, num_warps, num_stages: launch settings (defaults: see the module doc); n_splits:
+    splits of the T axis (default: _n_splits, from the compiled kernel's occupancy)."""
     if triton is None:
         raise ImportError("decode_attention needs triton: pip install triton "
                           "(or quantlab[kernels])")
@@ -204,7 +211,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
                          "decode_attention_ref for other sizes")
     has_scale = k_scale is not None
     plain = k.dtype in (torch.bfloat16, torch.float16)
-    block_n = block_n or (64 if plain else 128)
+    block_n = block_n or 128
     if has_scale != (v_scale is not None) or has_scale == plain:
         raise ValueError(f"k.dtype={k.dtype} with k_scale {'set' if has_scale else 'None'}: int8 "
                          "and float8_e4m3fn codes need k_scale and v_scale (B, H_kv, T); bf16/fp16 "
@@ -216,7 +223,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
     if lens is None:
         lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
     G = Hq // Hkv
-    num_stages = num_stages or (2 if plain else 3)
+    num_stages = num_stages or 3
     ks = k_scale.contiguous() if has_scale else lens  # dummy pointers when unused
     vs = v_scale.contiguous() if has_scale else lens
     settings = dict(HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
