@@ -16,10 +16,11 @@ GPU holds at once (_n_splits).
 
 Measured on an H200 (`python -m quantlab.kv.bench`, data/bench/kv-nvidia-h200.json, Llama-3-8B
 heads; against bf16 SDPA): int8 1.31-1.37x and fp8 1.48-1.51x at 32k tokens and batch 4-64, 1.13x
-and 1.34x at batch 1; from 128k tokens a step up they reach 68-75% (int8) and 77-83% (fp8) of
-their byte floor where a bf16 cache reaches 95-107% (ours and SDPA alike). The settings (128 tokens a step, 3 pipeline stages, 4 warps) are the best or
-within 6% of the best of `--tune` (data/bench/tune-kv-decode-nvidia-h200.json) on every shape it
-times, for every cache dtype. notes/kernels.md has the profile and what was tried.
+and 1.34x at batch 1. Wherever a step reads 128k tokens or more (batch x context), int8 reaches
+68-75% and fp8 77-83% of its byte floor, where a bf16 cache reaches 95-107% (ours and SDPA alike).
+The settings (128 tokens a step, 3 pipeline stages, 4 warps) are the best or within 6% of the best
+of `--tune` (data/bench/tune-kv-decode-nvidia-h200.json) on every shape it times, for every cache
+dtype. notes/kernels.md has the profile and what was tried.
 """
 
 from __future__ import annotations
