@@ -77,3 +77,33 @@ def test_kernel_rejects_bad_shapes_with_advice():
     k24 = torch.zeros(1, 2, 8, 24, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(ValueError, match="power of two"):
         decode_attention(torch.randn(1, 2, 24, device=DEV), k24, k24)
+
+
+def test_splits_fill_whole_waves():
+    from types import SimpleNamespace
+
+    from quantlab.kv.attention import _cdiv, _n_splits, _programs_per_sm
+
+    h200 = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                           max_threads_per_multi_processor=2048)
+    # today's int8 kernel (168 registers, 75.8 KB): 3 per SM by both; the bf16 one of the first
+    # sweep (88 registers, 38.9 KB): 5 by both; a 1-warp kernel with no shared memory: 32
+    assert _programs_per_sm(168, 75776, 4, h200) == 3
+    assert _programs_per_sm(88, 38912, 4, h200) == 5
+    assert _programs_per_sm(16, 0, 1, h200) == 32
+    slots = 3 * 132
+    for work in (8, 32, 128, 512):           # batch x kv heads
+        for T in (1000, 8192, 32768, 131072):
+            s = _n_splits(work, T, 128, slots)
+            split = _cdiv(_cdiv(T, s), 128) * 128
+            n = work * _cdiv(T, split)       # programs launched
+            fill = n / (_cdiv(n, slots) * slots)
+            assert 1 <= s <= 256 and split >= 128
+            # as full as any count up to four waves' worth (and 256, and one block each) makes
+            # it, within 2%
+            most = min(_cdiv(T, 128), 256, 4 * _cdiv(slots, work))
+            best = max(work * _cdiv(T, _cdiv(_cdiv(T, c), 128) * 128)
+                       / (_cdiv(work * _cdiv(T, _cdiv(_cdiv(T, c), 128) * 128), slots) * slots)
+                       for c in range(1, most + 1))
+            assert fill >= best - 0.02, (work, T, s, fill, best)
+    assert _n_splits(128, 32768, 128, slots) == 3  # batch 16: 384 programs, 0.97 of one wave

@@ -102,3 +102,13 @@ def test_bad_input_is_refused():
             fn(x, codes[:, :1], scales, pos, "int8")
         with pytest.raises(ValueError, match="positions"):
             fn(x, codes, scales, pos[:2], "int8")
+        with pytest.raises(ValueError, match="outside the cache"):
+            fn(x, codes, scales, torch.tensor([0, 8, 2], device=DEV), "int8")
+        with pytest.raises(ValueError, match="outside the cache"):
+            fn(x, codes, scales, torch.tensor([0, -1, 2], device=DEV), "int8")
+        with pytest.raises(ValueError, match=r"\(B, H_kv, T, D\)"):
+            fn(x[0], codes, scales, pos, "int8")
+    assert (codes == 0).all() and (scales == 0).all()  # nothing written by a refused call
+    for fn in (write_per_token_head, write_per_token_head_ref):  # int32 positions are fine
+        fn(x, codes, scales, pos.int() + 5, "int8")
+    assert (scales[:, :, 5:] > 0).all() and (scales[:, :, :5] == 0).all()

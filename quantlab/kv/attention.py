@@ -26,11 +26,12 @@ dtype. notes/kernels.md has the profile and what was tried.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from quantlab.kernels._runtime import interpreted
 
 try:
     import triton
@@ -143,14 +144,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _dot_dtype(codes: bool):
     # triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (errors ~1e10 on a 16x16
     # product, checked 2026-11-23), so under TRITON_INTERPRET the dot runs in fp32: exact there.
-    if _interpreted():
+    if interpreted():
         return tl.float32
     return tl.float16 if codes else tl.bfloat16
 
@@ -159,8 +156,9 @@ def _n_splits(work: int, T: int, block_n: int, slots: int) -> int:
     """Splits of the T axis per (sequence, kv head): `work` of those times the splits programs
     should fill whole waves of the `slots` programs the GPU holds at once (an unfilled last
     wave leaves SMs idle: 640 programs on 396 slots measured 54% of DRAM bandwidth under Nsight
-    Compute), with the fewest splits among the best fills (within 2%), none shorter than one
-    block."""
+    Compute). The fewest splits whose fill is within 2% of the best, searched up to four waves'
+    worth of programs (more splits only add partial outputs to write and merge), at most 256,
+    none shorter than one block."""
     most = max(1, min(-(-T // block_n), 256, 4 * -(-slots // work)))
     best_fill, best = 0.0, 1
     for s in range(1, most + 1):
@@ -174,16 +172,15 @@ def _n_splits(work: int, T: int, block_n: int, slots: int) -> int:
 _SLOTS: dict = {}  # (device, kernel settings) -> programs resident per SM
 
 
-def _programs_per_sm(kernel, num_warps: int, device) -> int:
-    """How many programs of a compiled kernel one SM holds: its registers, shared memory and
-    threads (registers are allocated per warp in units of 256)."""
-    p = torch.cuda.get_device_properties(device)
-    kernel._init_handles()
-    regs_warp = -(-kernel.n_regs * 32 // 256) * 256
-    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // max(regs_warp, 1) // num_warps
-    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (
-        kernel.metadata.shared + 1024)
-    by_threads = p.max_threads_per_multi_processor // (32 * num_warps)
+def _programs_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
+    """How many programs of a kernel (n_regs registers a thread, `shared` bytes of shared memory)
+    one SM of a GPU (torch.cuda.get_device_properties) holds: registers are allocated per warp in
+    units of 256, each program's shared memory takes 1 KB more (the system's reserve), and an SM
+    runs at most 32 programs."""
+    regs_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_warp // num_warps
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
+    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
     return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
@@ -229,7 +226,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
     vs = v_scale.contiguous() if has_scale else lens
     settings = dict(HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
                     HAS_SCALE=has_scale, DOT=_dot_dtype(has_scale),
-                    I8_PTX=k.dtype == torch.int8 and not _interpreted(),
+                    I8_PTX=k.dtype == torch.int8 and not interpreted(),
                     num_warps=num_warps, num_stages=num_stages)
 
     def args(split_len: int, op: Tensor, mp: Tensor, lp: Tensor) -> tuple:
@@ -249,7 +246,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = N
                 f32 = torch.empty(1, device=q.device)
                 kernel = _decode_split_kernel.warmup(*args(block_n, f32, f32, f32), N_SPLITS=2,
                                                      grid=(1,), **settings)
-                _SLOTS[key] = _programs_per_sm(kernel, num_warps, q.device)
+                kernel._init_handles()  # loads it: n_regs is known from here
+                _SLOTS[key] = _programs_per_sm(kernel.n_regs, kernel.metadata.shared, num_warps,
+                                               torch.cuda.get_device_properties(q.device))
             slots = _SLOTS[key] * torch.cuda.get_device_properties(
                 q.device).multi_processor_count
         S = _n_splits(B * Hkv, T, block_n, slots)

@@ -36,6 +36,9 @@ ELEMENTS = {"int8": (torch.int8, 127.0), "e4m3": (torch.float8_e4m3fn, 448.0)}
 def _check(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor, element: str) -> None:
     if element not in ELEMENTS:
         raise ValueError(f"element={element!r}; use one of {tuple(ELEMENTS)}")
+    if x.ndim != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be (B, H_kv, T, D) float32/float16/bfloat16 keys or values, "
+                         f"got {tuple(x.shape)} {x.dtype}")
     dtype = ELEMENTS[element][0]
     if codes.dtype != dtype:
         raise ValueError(f"codes are {codes.dtype}, element {element!r} stores {dtype}")
@@ -44,15 +47,26 @@ def _check(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor, element: str) 
         raise ValueError(f"x {tuple(x.shape)} into codes {tuple(codes.shape)}, scales "
                          f"{tuple(scales.shape)}: need codes (B, H, L, D) and scales (B, H, L) "
                          "with x's B, H and D")
-    if scales.dtype != torch.float32 or pos.shape != (T,):
-        raise ValueError(f"scales must be float32 (got {scales.dtype}) and pos ({T},) positions "
-                         f"(got {tuple(pos.shape)})")
+    if scales.dtype != torch.float32 or pos.shape != (T,) or pos.dtype not in (torch.int32,
+                                                                               torch.int64):
+        raise ValueError(f"scales must be float32 (got {scales.dtype}) and pos ({T},) int64 or "
+                         f"int32 positions (got {tuple(pos.shape)} {pos.dtype})")
+    if len({t.device for t in (x, codes, scales, pos)}) != 1:
+        raise ValueError("x, codes, scales and pos must be on one device, got "
+                         f"{sorted({str(t.device) for t in (x, codes, scales, pos)})}")
+    capturing = pos.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and T and not bool(((pos >= 0) & (pos < codes.shape[2])).all()):
+        # (checked outside CUDA-graph capture, where reading pos back is allowed; the kernel
+        # also never stores outside the cache)
+        raise ValueError(f"positions {pos.tolist()} fall outside the cache's "
+                         f"{codes.shape[2]} slots")
 
 
 def write_per_token_head_ref(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor,
                              element: str) -> None:
     """x (B, H, T, D) float -> codes[:, :, pos] (B, H, L, D) int8 / float8_e4m3fn and
-    scales[:, :, pos] (B, H, L) float32, in place; pos (T,) int64 positions < L. The codec's
+    scales[:, :, pos] (B, H, L) float32, in place; pos (T,) int64 / int32 positions in [0, L)
+    (refused otherwise, except during CUDA-graph capture, where they are not written). The codec's
     encode (int8: a NaN or inf makes its vector's scale NaN, as the kernel does, instead of
     raising)."""
     _check(x, codes, scales, pos, element)
@@ -65,6 +79,7 @@ def write_per_token_head_ref(x: Tensor, codes: Tensor, scales: Tensor, pos: Tens
     c, s = parts["codes"], parts["scale"]
     if nan_rows is not None:
         s = torch.where(nan_rows, float("nan"), s)
+    pos = pos.long()
     codes.view(torch.uint8).index_copy_(2, pos, c.view(torch.uint8))  # no float8 index_copy_
     scales.index_copy_(2, pos, s)
 
@@ -73,7 +88,7 @@ if triton is not None:
     from quantlab.kernels.quantize import _bits, _encode_e4m3, _encode_int8, _to_f32
 
     @triton.jit
-    def _write_kernel(X, C, S, Pos, N, H, T, sxb, sxh, sxt, scb, sch, sct, ssb, ssh,
+    def _write_kernel(X, C, S, Pos, N, H, T, L, sxb, sxh, sxt, scb, sch, sct, ssb, ssh,
                       D: tl.constexpr, BLOCK: tl.constexpr, INT8: tl.constexpr,
                       MAXV: tl.constexpr, HW_CAST: tl.constexpr, BF16_BITS: tl.constexpr):
         """BLOCK head vectors (b, h, t) per program, flat index (b * H + h) * T + t < N."""
@@ -96,7 +111,8 @@ if triton is not None:
             code = _encode_int8(tl.where((s != s)[:, None], 0.0, y))  # a NaN vector: codes 0
         else:
             code = _encode_e4m3(tl.where(finite, y, x), HW_CAST)
-        p = tl.load(Pos + t, mask=ok, other=0)
+        p = tl.load(Pos + t, mask=ok, other=0).to(tl.int64)
+        ok = ok & (p >= 0) & (p < L)  # (the launcher refuses such positions outside a capture)
         tl.store(C + (b * scb + h * sch + p * sct)[:, None] + offs[None, :], code,
                  mask=ok[:, None])
         tl.store(S + b * ssb + h * ssh + p, s, mask=ok)
@@ -110,9 +126,10 @@ def write_per_token_head(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor,
     if triton is None:
         raise ImportError("write_per_token_head needs triton: pip install triton "
                           "(or quantlab[kernels])")
-    from quantlab.kernels._runtime import interpreted
+    from quantlab.kernels._runtime import check_device, interpreted
 
     _check(x, codes, scales, pos, element)
+    check_device("write_per_token_head", "write_per_token_head_ref", x, codes, scales, pos)
     B, H, T, D = x.shape
     if D & (D - 1) or x.stride(3) != 1 or codes.stride(3) != 1 or scales.stride(2) != 1:
         raise ValueError(f"head_dim={D} must be a power of two with x, codes and scales "
@@ -123,7 +140,8 @@ def write_per_token_head(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor,
     c = codes.view(torch.uint8) if element == "e4m3" else codes
     block = max(1, min(16, 2048 // D))
     _write_kernel[(triton.cdiv(N, block),)](
-        _bits(x), c, scales, pos, N, H, T, x.stride(0), x.stride(1), x.stride(2), codes.stride(0),
-        codes.stride(1), codes.stride(2), scales.stride(0), scales.stride(1), D=D, BLOCK=block,
+        _bits(x), c, scales, pos, N, H, T, codes.shape[2], x.stride(0), x.stride(1),
+        x.stride(2), codes.stride(0), codes.stride(1), codes.stride(2), scales.stride(0),
+        scales.stride(1), D=D, BLOCK=block,
         INT8=element == "int8", MAXV=ELEMENTS[element][1], HW_CAST=not interpreted(),
         BF16_BITS=x.dtype == torch.bfloat16, num_warps=4)
