@@ -212,12 +212,18 @@ def nvfp4_global_scale(amax: Tensor) -> Tensor:
     return torch.where(glob == 0, torch.ones_like(glob), glob)
 
 
+def nvfp4_block_scales(g: Tensor, glob: Tensor) -> Tensor:
+    """g: (..., n_blocks, 16) float32 blocks, glob: the global scale -> E4M3 block scales as
+    float32 (..., n_blocks, 1): amax / 6 / glob, each division correctly rounded, saturating."""
+    return E4M3.round(_div_const(g.abs().amax(-1, keepdim=True), 6.0) / glob,
+                      overflow="saturate")
+
+
 def nvfp4_scales(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """x: the float32 tensor; g: its (..., n_blocks, 16) view -> (global fp32 scalar, E4M3 block
     scales as float32 (..., n_blocks, 1)). global = amax / (448 * 6), multiplied on decode."""
     glob = nvfp4_global_scale(x.abs().amax())
-    s = _div_const(g.abs().amax(-1, keepdim=True), 6.0) / glob
-    return glob, E4M3.round(s, overflow="saturate")
+    return glob, nvfp4_block_scales(g, glob)
 
 
 @dataclass(frozen=True, eq=False)

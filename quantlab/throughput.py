@@ -92,8 +92,7 @@ class StaticCache:
     def write(self, i: int, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store layer i's k, v (B, kv_heads, T, D) at positions pos (T,), encoding them per
         (token, head) as PerTokenHeadCodec does (quantlab.kv.write: one kernel launch per
-        tensor where kernels run, its reference elsewhere; no host sync, so a CUDA graph can
-        capture it)."""
+        tensor where kernels run, its reference elsewhere; a CUDA graph can capture it)."""
         from quantlab.kernels._runtime import interpreted
         from quantlab.kv.write import write_per_token_head, write_per_token_head_ref
 

@@ -35,12 +35,11 @@ from quantlab.algorithms.calibration import (
     run_layer,
     static_act_scales,
 )
-from quantlab.formats import E4M3
 from quantlab.granularity import Block
 from quantlab.layers import matches_any
 from quantlab.nn import QuantLinear, quantize_model
-from quantlab.quantize import NVFP4_GLOBAL_DENOM, QuantizedTensor, dequantize, quantize
-from quantlab.scales import GGUF, NVFP4
+from quantlab.quantize import QuantizedTensor, dequantize, quantize
+from quantlab.scales import GGUF, NVFP4, nvfp4_block_scales, nvfp4_global_scale
 from quantlab.schemes import Scheme, TensorScheme, get_scheme
 
 
@@ -62,7 +61,7 @@ def _fit_group(Wg: Tensor, ts: TensorScheme, glob: Tensor | None):
     per-row scale (N,), per-row zero point (N,) or None), as quantlab.quantize picks them."""
     N = Wg.shape[0]
     if glob is not None:  # NVFP4: E4M3 block scales relative to the tensor's fixed global scale
-        s = E4M3.round(Wg.abs().amax(-1, keepdim=True) / 6.0 / glob, overflow="saturate")
+        s = nvfp4_block_scales(Wg, glob)
         return s, None, s.reshape(N), None
     qt = quantize(Wg, ts)
     s, zp = qt.scales, qt.zero_points
@@ -105,8 +104,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, scheme: Scheme | TensorScheme | str
     W[:, dead] = 0.0
     glob = None
     if ts.scale_rule == NVFP4:
-        amax = W.abs().amax()
-        glob = torch.where(amax == 0, torch.ones(()), amax / NVFP4_GLOBAL_DENOM)
+        glob = nvfp4_global_scale(W.abs().amax())
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     inv = torch.argsort(perm)

@@ -55,10 +55,11 @@ def _check(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor, element: str) 
         raise ValueError("x, codes, scales and pos must be on one device, got "
                          f"{sorted({str(t.device) for t in (x, codes, scales, pos)})}")
     capturing = pos.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and T and not bool(((pos >= 0) & (pos < codes.shape[2])).all()):
+    outside = (pos < 0) | (pos >= codes.shape[2])
+    if not capturing and bool(outside.any()):
         # (checked outside CUDA-graph capture, where reading pos back is allowed; the kernel
         # also never stores outside the cache)
-        raise ValueError(f"positions {pos.tolist()} fall outside the cache's "
+        raise ValueError(f"positions {pos[outside][:8].tolist()} fall outside the cache's "
                          f"{codes.shape[2]} slots")
 
 
@@ -72,13 +73,13 @@ def write_per_token_head_ref(x: Tensor, codes: Tensor, scales: Tensor, pos: Tens
     _check(x, codes, scales, pos, element)
     codec = get_codec(f"{element.replace('e4m3', 'fp8')}_per_token_head")
     xf = x.float()
-    nan_rows = ~torch.isfinite(xf).all(-1) if element == "int8" else None
-    if nan_rows is not None:
-        xf = torch.where(nan_rows[..., None], 0.0, xf)
+    bad_rows = ~torch.isfinite(xf).all(-1) if element == "int8" else None
+    if bad_rows is not None:
+        xf = torch.where(bad_rows[..., None], 0.0, xf)
     parts = codec.encode(xf, "k")
     c, s = parts["codes"], parts["scale"]
-    if nan_rows is not None:
-        s = torch.where(nan_rows, float("nan"), s)
+    if bad_rows is not None:
+        s = torch.where(bad_rows, float("nan"), s)
     pos = pos.long()
     codes.view(torch.uint8).index_copy_(2, pos, c.view(torch.uint8))  # no float8 index_copy_
     scales.index_copy_(2, pos, s)
@@ -101,11 +102,9 @@ if triton is not None:
         x = _to_f32(tl.load(X + (b * sxb + h * sxh + t * sxt)[:, None] + offs[None, :],
                             mask=ok[:, None], other=0), BF16_BITS)
         finite = tl.abs(x) < float("inf")  # False for NaN and +-inf
+        s = tl.div_rn(tl.max(tl.where(finite, tl.abs(x), 0.0), 1), MAXV)  # over finite values
         if INT8:  # a NaN or inf makes the scale NaN (int8 has no code for them)
-            s = tl.div_rn(tl.max(tl.where(finite, tl.abs(x), 0.0), 1), MAXV)
             s = tl.where(tl.min(finite.to(tl.int32), 1) == 0, float("nan"), s)
-        else:  # over the finite values: a NaN or inf stays in its element
-            s = tl.div_rn(tl.max(tl.where(finite, tl.abs(x), 0.0), 1), MAXV)
         y = tl.where(s[:, None] == 0, 0.0, tl.div_rn(x, tl.where(s == 0, 1.0, s)[:, None]))
         if INT8:
             code = _encode_int8(tl.where((s != s)[:, None], 0.0, y))  # a NaN vector: codes 0
@@ -122,7 +121,8 @@ def write_per_token_head(x: Tensor, codes: Tensor, scales: Tensor, pos: Tensor,
                          element: str) -> None:
     """The Triton kernel of write_per_token_head_ref (same arguments, same bits stored); x may
     be a strided view (the head-dim stride must be 1), codes and scales contiguous in D and L.
-    No host sync: a CUDA graph can capture it."""
+    A CUDA graph can capture it: under capture the positions are not read back to be checked
+    (one host sync per call otherwise)."""
     if triton is None:
         raise ImportError("write_per_token_head needs triton: pip install triton "
                           "(or quantlab[kernels])")
