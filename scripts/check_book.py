@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -190,9 +192,26 @@ def source_formulas(md: str) -> int:
 
 
 def _run(chromium: str, args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="quantlab-chromium-") as profile:
-        return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=timeout)
+    """Run Chromium with a fresh profile. One that stalls past `timeout` s is killed with every
+    process it started (its own session) and started once more; a second stall raises
+    subprocess.TimeoutExpired."""
+    cmd = [chromium, *CHROMIUM_FLAGS, None, *args]
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="quantlab-chromium-") as profile:
+            cmd[len(CHROMIUM_FLAGS) + 1] = f"--user-data-dir={profile}"
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            try:
+                out, err = proc.communicate(timeout=timeout)
+                return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:  # a child outside the session holds a pipe
+                    pass
+                if attempt == 2:
+                    raise
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -228,14 +247,8 @@ def screenshot(page: Path, chromium: str, shots: Path, height: int) -> list[Path
             target.write_text(html.replace("</head>", SHIFT_UP.replace("TOP", str(y)) +
                                            "</head>", 1), encoding="utf-8")
         try:
-            for attempt in (1, 2):  # a stalled Chromium is killed and, once, started afresh
-                try:
-                    _run(chromium, [f"--window-size={WIDTH_PX},{h}", "--virtual-time-budget=8000",
-                                    f"--screenshot={shot}", target.as_uri()], timeout=180)
-                    break
-                except subprocess.TimeoutExpired:
-                    if attempt == 2:
-                        raise
+            _run(chromium, [f"--window-size={WIDTH_PX},{h}", "--virtual-time-budget=8000",
+                            f"--screenshot={shot}", target.as_uri()], timeout=180)
         finally:
             if target != page:
                 target.unlink()

@@ -131,6 +131,27 @@ def test_problems_names_untypeset_math_open_cells_and_short_screenshots(tmp_path
         "05-fp8.html: screenshots cover 5 of the page's 9 px"]
 
 
+def test_a_stalled_chromium_is_started_once_more_then_given_up(tmp_path, monkeypatch):
+    """_run kills a Chromium that outlives its timeout, and what it started, and starts it once
+    more: a stand-in that stalls on its first start succeeds on the second (within the time of
+    two timeouts, not of its stall); one that always stalls raises."""
+    check = _checker()
+    starts = tmp_path / "starts"
+    fake = tmp_path / "chromium"
+    fake.write_text(f"#!/bin/sh\necho x >> {starts}\n"
+                    f"[ $(wc -l < {starts}) -ge $STALL_UNTIL ] || sleep 30\necho done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("STALL_UNTIL", "2")
+    t0 = time.perf_counter()
+    assert check._run(str(fake), [], timeout=2).stdout == "done\n"
+    assert len(starts.read_text().splitlines()) == 2 and time.perf_counter() - t0 < 20
+    starts.unlink()
+    monkeypatch.setenv("STALL_UNTIL", "3")
+    with pytest.raises(subprocess.TimeoutExpired):
+        check._run(str(fake), [], timeout=2)
+    assert len(starts.read_text().splitlines()) == 2 and time.perf_counter() - t0 < 40
+
+
 def _png(rgb: np.ndarray) -> bytes:
     """A minimal 8-bit RGB PNG of rgb (H, W, 3) uint8 (filter None on every row)."""
     def chunk(kind, data):
