@@ -195,10 +195,9 @@ def _run(chromium: str, args: list[str], timeout: int = 120) -> subprocess.Compl
     """Run Chromium with a fresh profile. One that stalls past `timeout` s is killed with every
     process it started (its own session) and started once more; a second stall raises
     subprocess.TimeoutExpired."""
-    cmd = [chromium, *CHROMIUM_FLAGS, None, *args]
     for attempt in (1, 2):
         with tempfile.TemporaryDirectory(prefix="quantlab-chromium-") as profile:
-            cmd[len(CHROMIUM_FLAGS) + 1] = f"--user-data-dir={profile}"
+            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, start_new_session=True)
             try:
@@ -233,8 +232,8 @@ def screenshot(page: Path, chromium: str, shots: Path, height: int) -> list[Path
             old.unlink()
     height = max(1, height)
     n = math.ceil(height / TILE_PX)
-    # Tiles of equal height (to a pixel), never a sliver: a 1400 x 19 window took Chromium 156
-    # 12-20 s here, against 4 s at 200 px, and never finished in 300 s on a loaded CI machine.
+    # Tiles of equal height (to a pixel), never a sliver: 16-30 px tall windows took Chromium 156
+    # about 20 s in most runs here (500 px: 4-5 s), and a 19 px one never finished on CI.
     tops = [height * i // n for i in range(n + 1)]
     out = []
     for i in range(n):
