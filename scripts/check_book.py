@@ -233,7 +233,8 @@ def screenshot(page: Path, chromium: str, shots: Path, height: int) -> list[Path
     height = max(1, height)
     n = math.ceil(height / TILE_PX)
     # Tiles of equal height (to a pixel), never a sliver: 16-30 px tall windows took Chromium 156
-    # about 20 s in most runs here (500 px: 4-5 s), and a 19 px one never finished on CI.
+    # about 20 s in most runs here (500 px: 4-5 s), and a 19 px one was still running after 300 s
+    # on CI.
     tops = [height * i // n for i in range(n + 1)]
     out = []
     for i in range(n):

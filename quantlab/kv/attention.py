@@ -17,7 +17,7 @@ GPU holds at once (_n_splits).
 Measured on an H200 (`python -m quantlab.kv.bench`, data/bench/kv-nvidia-h200.json, Llama-3-8B
 heads; against bf16 SDPA): int8 1.31-1.37x and fp8 1.48-1.51x at 32k tokens and batch 4-64, 1.13x
 and 1.34x at batch 1. Wherever a step reads 128k tokens or more (batch x context), int8 reaches
-68-75% and fp8 77-83% of its byte floor, where a bf16 cache reaches 95-107% (ours and SDPA alike).
+68-75% and fp8 77-83% of its byte floor, where a bf16 cache reaches 95-107% (SDPA 100-108%).
 The settings (128 tokens a step, 3 pipeline stages, 4 warps) are the best or within 6% of the best
 of `--tune` (data/bench/tune-kv-decode-nvidia-h200.json) on every shape it times, for every cache
 dtype. notes/kernels.md has the profile and what was tried.
